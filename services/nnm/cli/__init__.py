@@ -1,0 +1,1 @@
+"""The `nnm` command line."""

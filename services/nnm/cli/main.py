@@ -1,0 +1,238 @@
+"""`nnm`: run the clustering pipeline or any of its stages from the command line.
+
+Errors a user can fix end the program with one sentence on stderr and exit status 2; an interrupt
+exits 130 and the same command resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from nnm import __version__
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+def _add_common(p: argparse.ArgumentParser, dataset: bool = True, preset: bool = True) -> None:
+    if dataset:
+        p.add_argument(
+            "--dataset",
+            required=True,
+            help="built-in name (cifar10, cifar20, stl10, mnist5k, digits; NAME:SPLIT for a split) "
+            "or a folder / .zip of images",
+        )
+    if preset:
+        p.add_argument("--preset", default="auto", help="auto, nnm, scan, cpu or quick (default: auto)")
+        p.add_argument("--config", type=Path, help="JSON file of settings merged over the preset")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one setting, e.g. --set pretext.epochs=20 (repeatable)",
+        )
+        p.add_argument("--clusters", type=int, help="number of clusters (default: number of classes)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"nnm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pipeline", help="run every stage and evaluate")
+    _add_common(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (re-run to resume)")
+
+    p = sub.add_parser("pretext", help="train a SimCLR backbone")
+    _add_common(p)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("mine", help="mine nearest neighbours with a pretext backbone")
+    _add_common(p)
+    p.add_argument("--pretext", type=Path, required=True, help="output directory of `nnm pretext`")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("cluster", help="train clustering heads (SCAN / NNM)")
+    _add_common(p)
+    p.add_argument("--pretext", type=Path, required=True)
+    p.add_argument("--neighbors", type=Path, required=True, help="output directory of `nnm mine`")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("selflabel", help="fine-tune a clustering model on confident pseudo-labels")
+    _add_common(p)
+    p.add_argument("--cluster", type=Path, required=True, help="output directory of `nnm cluster`")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("export", help="turn a cluster or selflabel directory into a model directory")
+    _add_common(p, preset=False)
+    p.add_argument("--from", dest="source", type=Path, required=True, help="cluster or selflabel directory")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model on a (labelled) image set")
+    _add_common(p, preset=False)
+    p.add_argument("--model", type=Path, required=True, help="model directory or pipeline output directory")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("assign", help="print cluster and confidence of images, one JSON line each")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("config", help="print the resolved configuration of a preset as JSON")
+    _add_common(p)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from nnm.engine.config import ConfigError, apply_override, deep_merge
+
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config file '{args.config}' ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{args.config}' must hold a JSON object")
+        data = deep_merge(data, loaded)
+    for item in getattr(args, "overrides", []):
+        apply_override(data, item)
+    if getattr(args, "clusters", None) is not None:
+        apply_override(data, f"cluster.clusters={args.clusters}")
+    if args.seed is not None:
+        apply_override(data, f"runtime.seed={args.seed}")
+    if args.device is not None:
+        apply_override(data, f"runtime.device={json.dumps(args.device)}")
+    return data
+
+
+def _sink(args: argparse.Namespace):
+    from nnm.engine.progress import TqdmSink
+
+    return TqdmSink(enabled=not args.quiet)
+
+
+def _runtime(args: argparse.Namespace):
+    from nnm.engine.config import RuntimeConfig
+
+    return RuntimeConfig(seed=args.seed or 0, device=args.device or "auto")
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ["acc", "nmi", "ari", "top5", "num_images", "num_clusters", "empty_clusters", "mean_confidence"]
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnm.engine import data as data_mod
+    from nnm.engine.pipeline import resolve_config, run_pipeline
+
+    cmd = args.command
+    if cmd == "assign":
+        from nnm.engine.model_io import TrainedModel
+        from nnm.engine.stages.assign import assign_images, read_image_files
+
+        model = TrainedModel.load(args.model)
+        results = assign_images(model, read_image_files(args.images), _runtime(args))
+        for r in results:
+            print(json.dumps({"path": r.pop("image"), **r}))
+        return 0
+
+    if cmd in {"evaluate", "export"}:
+        from nnm.engine.model_io import TrainedModel
+
+        data = data_mod.load_dataset(args.dataset)
+        if cmd == "export":
+            from nnm.engine.export import export_model
+
+            export_model(args.source, data, args.out)
+            print(f"model written to {args.out}")
+            return 0
+        from nnm.engine.stages.evaluate import run_evaluate
+
+        metrics = run_evaluate(
+            TrainedModel.load(args.model), data, args.out, runtime_cfg=_runtime(args), sink=_sink(args)
+        )
+        _print(_headline(metrics))
+        return 0
+
+    overrides = _overrides(args)
+    cfg = resolve_config(args.dataset, args.preset, overrides)
+    if cmd == "config":
+        _print(cfg.model_dump(mode="json"))
+        return 0
+    sink = _sink(args)
+    if cmd == "pipeline":
+        metrics = run_pipeline(cfg, args.out, sink)
+        sink.message(f"outputs in {args.out}: metrics.json, confusion_matrix.png, prototypes.png, model/")
+        _print(_headline(metrics))
+        return 0
+
+    d = cfg.data
+    from nnm.engine import stages
+
+    if cmd == "pretext":
+        data = data_mod.load_dataset(d.dataset, d.pretext_split or d.split, d.image_size, d.root)
+        summary = stages.run_pretext(cfg.pretext, data, args.out, cfg.runtime, sink)
+    else:
+        data = data_mod.load_dataset(d.dataset, d.split, d.image_size, d.root)
+        if cmd == "mine":
+            summary = stages.run_mine(cfg.mine, data, args.pretext, args.out, cfg.runtime, sink)
+        elif cmd == "cluster":
+            summary = stages.run_cluster(cfg.cluster, data, args.pretext, args.neighbors, args.out, cfg.runtime, sink)
+        else:
+            summary = stages.run_selflabel(cfg.selflabel, data, args.cluster, args.out, cfg.runtime, sink)
+    summary = {k: v for k, v in summary.items() if k != "history"}
+    _print(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from nnm.engine.errors import NNMError
+    except ImportError as exc:  # pragma: no cover - broken installation
+        print(f"nnm: error: the engine cannot be imported ({exc}); reinstall the package", file=sys.stderr)
+        return EXIT_INTERNAL
+    try:
+        return run(args)
+    except NNMError as exc:
+        print(f"nnm: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("nnm: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("nnm: error: out of memory; use a smaller batch size or fewer images", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        print(f"nnm: error: {exc.strerror or exc} ({exc.filename or 'I/O'})", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        if args.debug or os.environ.get("NNM_DEBUG"):
+            raise
+        print(f"nnm: internal error: {exc.__class__.__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Batched augmentation with independent random parameters for every image.
+
+`torchvision.transforms.v2` transforms draw one set of parameters per call, so applied to a batch
+every image would get the same crop and jitter. Here crops, flips, rotations and shears are
+per-sample affine grids (`grid_sample`), colour changes are per-sample factor tensors, and the
+per-image torchvision.v2 kernels (equalize, autocontrast) run on the images that drew them. The same
+code runs on CPU and GPU: move the uint8 batch to the device first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from .config import SimCLRAugmentConfig, StrongAugmentConfig
+
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def _bernoulli(n: int, p: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) < p
+
+
+class Normalize:
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] and standardised per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardise a float batch already in [0, 1]."""
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        return self.standardise(to_unit_float(images))
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1] (float input is returned as is)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma of an RGB batch, shape (B, 1, H, W); single-channel input is returned unchanged."""
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(_GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Sample each image through its own 2x3 affine matrix (normalised coordinates)."""
+    b, c, h, w = x.shape
+    out = (b, c, size or h, size or w)
+    grid = F.affine_grid(theta, list(out), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def crop_flip_rotate_theta(
+    n: int,
+    cfg: SimCLRAugmentConfig,
+    gen: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """Affine matrices of RandomResizedCrop (+ flip and rotation) drawn per image."""
+    lo, hi = cfg.crop_scale
+    area = _uniform(n, lo, hi, gen, device)
+    log_r = _uniform(n, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), gen, device)
+    ratio = torch.exp(log_r)
+    cw = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
+    ch = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen, device=device) * 2 - 1) * (1 - cw)
+    cy = (torch.rand(n, generator=gen, device=device) * 2 - 1) * (1 - ch)
+    flip = torch.ones(n, device=device)
+    if cfg.flip:
+        flip = torch.where(_bernoulli(n, 0.5, gen, device), -1.0, 1.0)
+    angle = _uniform(n, -1, 1, gen, device) * math.radians(cfg.rotate_degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = cw * flip * cos
+    theta[:, 0, 1] = -cw * sin
+    theta[:, 1, 0] = ch * flip * sin
+    theta[:, 1, 1] = ch * cos
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """Batched RGB -> HSV, all channels in [0, 1]."""
+    r, g, b = x.unbind(dim=1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Batched HSV -> RGB, all channels in [0, 1]."""
+    h, s, v = x.unbind(dim=1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(x)
+    for k, (rr, gg, bb) in enumerate(choices):
+        m = (i == k).unsqueeze(1)
+        out = torch.where(m, torch.stack([rr, gg, bb], dim=1), out)
+    return out
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _col(f)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (_col(f) * x + (1 - _col(f)) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (_col(f) * x + (1 - _col(f)) * grayscale(x)).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    hsv = rgb_to_hsv(x)
+    hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(hsv)
+
+
+def adjust_sharpness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Blend with PIL's SMOOTH-filtered image; border pixels stay as they are (as in PIL)."""
+    c = x.shape[1]
+    k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
+    k[1, 1] = 5.0
+    k = (k / k.sum()).expand(c, 1, 3, 3)
+    blurred = x.clone()
+    blurred[..., 1:-1, 1:-1] = F.conv2d(x, k, groups=c)
+    return (blurred + _col(f) * (x - blurred)).clamp_(0, 1)
+
+
+def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= _col(threshold), 1.0 - x, x)
+
+
+def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    step = _col(torch.pow(2.0, 8 - bits.float()))
+    return torch.floor(x * 255.0 / step) * step / 255.0
+
+
+class SimCLRAugment:
+    """SimCLR's two-view augmentation: resized crop, flip, colour jitter, grayscale."""
+
+    def __init__(self, cfg: SimCLRAugmentConfig, mean: Sequence[float], std: Sequence[float]):
+        self.cfg = cfg
+        self.norm = Normalize(mean, std)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        cfg, dev = self.cfg, images.device
+        x = to_unit_float(images)
+        n = x.shape[0]
+        x = warp(x, crop_flip_rotate_theta(n, cfg, gen, dev))
+        bs, cs, ss, hs = cfg.jitter
+        apply = _bernoulli(n, cfg.jitter_p, gen, dev)
+        factors = {
+            "b": _uniform(n, max(0.0, 1 - bs), 1 + bs, gen, dev),
+            "c": _uniform(n, max(0.0, 1 - cs), 1 + cs, gen, dev),
+            "s": _uniform(n, max(0.0, 1 - ss), 1 + ss, gen, dev),
+            "h": _uniform(n, -hs, hs, gen, dev),
+        }
+        ident = {"b": 1.0, "c": 1.0, "s": 1.0, "h": 0.0}
+        factors = {k: torch.where(apply, v, torch.full_like(v, ident[k])) for k, v in factors.items()}
+        order = torch.randperm(4, generator=gen, device=dev).tolist()
+        idx = apply.nonzero().squeeze(1)
+        for op in order:
+            if op == 0 and bs > 0:
+                x = adjust_brightness(x, factors["b"])
+            elif op == 1 and cs > 0:
+                x = adjust_contrast(x, factors["c"])
+            elif op == 2 and ss > 0:
+                x = adjust_saturation(x, factors["s"])
+            elif op == 3 and hs > 0 and x.shape[1] == 3 and idx.numel():
+                x[idx] = adjust_hue(x[idx], factors["h"][idx])
+        if x.shape[1] == 3 and cfg.grayscale_p > 0:
+            gray = _bernoulli(n, cfg.grayscale_p, gen, dev).view(-1, 1, 1, 1)
+            x = torch.where(gray, grayscale(x).expand_as(x), x)
+        return self.norm.standardise(x)
+
+
+class StrongAugment:
+    """SCAN's strong augmentation: flip, `n_ops` random ops at random strength, then Cutout."""
+
+    #: Largest strength of each geometric op: degrees, shear factor, fraction of the image side.
+    ROTATE_DEG, SHEAR, TRANSLATE = 30.0, 0.3, 0.3
+
+    def __init__(self, cfg: StrongAugmentConfig, mean: Sequence[float], std: Sequence[float]):
+        self.cfg = cfg
+        self.ops = list(cfg.ops)
+        self.norm = Normalize(mean, std)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        cfg, dev = self.cfg, images.device
+        x = to_unit_float(images)
+        n = x.shape[0]
+        if cfg.flip:
+            flip = _bernoulli(n, 0.5, gen, dev).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        for _ in range(cfg.n_ops):
+            op = torch.randint(len(self.ops), (n,), generator=gen, device=dev)
+            mag = torch.rand(n, generator=gen, device=dev) * cfg.magnitude
+            sign = torch.where(_bernoulli(n, 0.5, gen, dev), -1.0, 1.0)
+            x = self._apply_slot(x, op, mag, sign)
+        x = self.norm.standardise(x)
+        if cfg.cutout > 0:
+            x = self._cutout(x, gen)
+        return x
+
+    def _apply_slot(self, x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        n, dev = x.shape[0], x.device
+        theta = torch.zeros(n, 2, 3, device=dev)
+        theta[:, 0, 0] = 1.0
+        theta[:, 1, 1] = 1.0
+        geometric = torch.zeros(n, dtype=torch.bool, device=dev)
+        signed = mag * sign
+        for k, name in enumerate(self.ops):
+            sel = op == k
+            if name == "rotate":
+                a = torch.deg2rad(signed * self.ROTATE_DEG)
+                theta[sel, 0, 0], theta[sel, 0, 1] = torch.cos(a)[sel], -torch.sin(a)[sel]
+                theta[sel, 1, 0], theta[sel, 1, 1] = torch.sin(a)[sel], torch.cos(a)[sel]
+            elif name == "shear_x":
+                theta[sel, 0, 1] = (signed * self.SHEAR)[sel]
+            elif name == "shear_y":
+                theta[sel, 1, 0] = (signed * self.SHEAR)[sel]
+            elif name == "translate_x":
+                theta[sel, 0, 2] = (signed * self.TRANSLATE * 2)[sel]
+            elif name == "translate_y":
+                theta[sel, 1, 2] = (signed * self.TRANSLATE * 2)[sel]
+            else:
+                continue
+            geometric |= sel
+        gidx = geometric.nonzero().squeeze(1)
+        if gidx.numel():
+            x[gidx] = warp(x[gidx], theta[gidx])
+        for k, name in enumerate(self.ops):
+            idx = (op == k).nonzero().squeeze(1)
+            if idx.numel() == 0 or name in {"identity", "rotate", "shear_x", "shear_y", "translate_x", "translate_y"}:
+                continue
+            sub, m = x[idx], mag[idx]
+            factor = 1.0 + signed[idx] * 0.9  # enhancement factors in [0.1, 1.9]
+            if name == "autocontrast":
+                sub = TF.autocontrast(sub)
+            elif name == "equalize":
+                sub = TF.equalize(sub)
+            elif name == "solarize":
+                sub = solarize(sub, 1.0 - m)
+            elif name == "posterize":
+                sub = posterize(sub, 8 - torch.round(m * 4))
+            elif name == "color":
+                sub = adjust_saturation(sub, factor)
+            elif name == "contrast":
+                sub = adjust_contrast(sub, factor)
+            elif name == "brightness":
+                sub = adjust_brightness(sub, factor)
+            elif name == "sharpness":
+                sub = adjust_sharpness(sub, factor)
+            x[idx] = sub
+        return x
+
+    def _cutout(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        dev = x.device
+        longest = max(1, round(self.cfg.cutout * min(h, w)))
+        side = torch.randint(1, longest + 1, (n,), generator=gen, device=dev).float()
+        cy = torch.randint(0, h, (n,), generator=gen, device=dev).float()
+        cx = torch.randint(0, w, (n,), generator=gen, device=dev).float()
+        rows = torch.arange(h, device=dev).float().view(1, h, 1)
+        cols = torch.arange(w, device=dev).float().view(1, 1, w)
+        half = (side / 2).view(-1, 1, 1)
+        inside = ((rows - cy.view(-1, 1, 1)).abs() < half) & ((cols - cx.view(-1, 1, 1)).abs() < half)
+        return x.masked_fill(inside.unsqueeze(1), 0.0)

@@ -1,0 +1,279 @@
+"""Typed configuration of every stage (pydantic v2).
+
+Unknown keys are rejected (`extra="forbid"`), so a typo such as `pretext.epoch` fails loudly with
+the key named instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+#: The strong (RandAugment-style) operations SCAN's augmentation draws from.
+STRONG_OPS: tuple[str, ...] = (
+    "identity",
+    "autocontrast",
+    "equalize",
+    "rotate",
+    "solarize",
+    "color",
+    "posterize",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+
+
+class Strict(BaseModel):
+    """Base for all configs: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Strict):
+    """Which backbone network to build."""
+
+    arch: Literal["resnet18-cifar", "resnet18-stl", "resnet50"] = "resnet18-cifar"
+    #: Channels of the first ResNet-18 stage (64 is the standard network; 16 or 32 for CPU budgets).
+    width: int = Field(64, ge=4, le=512)
+
+    @model_validator(mode="after")
+    def _resnet50_is_fixed_width(self) -> BackboneConfig:
+        if self.arch == "resnet50" and self.width != 64:
+            raise ValueError("width applies to the ResNet-18 variants only; resnet50 has width 64")
+        return self
+
+
+class SimCLRAugmentConfig(Strict):
+    """SimCLR's view generator, drawn independently for every image of a batch."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    rotate_degrees: float = Field(0.0, ge=0, le=180)
+    #: brightness, contrast, saturation, hue strengths of ColorJitter.
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SimCLRAugmentConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError("crop_ratio must satisfy 0 < low <= high")
+        return self
+
+
+class StrongAugmentConfig(Strict):
+    """SCAN's strong augmentation: flip, `n_ops` random operations at random strength, Cutout."""
+
+    flip: bool = True
+    n_ops: int = Field(4, ge=0, le=8)
+    ops: list[str] = Field(default_factory=lambda: list(STRONG_OPS))
+    #: Scales every operation's strength range (1.0 = the full RandAugment range).
+    magnitude: float = Field(1.0, ge=0, le=1)
+    #: Largest Cutout hole side as a fraction of the image side (0 disables Cutout).
+    cutout: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _known_ops(self) -> StrongAugmentConfig:
+        unknown = sorted(set(self.ops) - set(STRONG_OPS))
+        if unknown:
+            raise ValueError(f"unknown operation(s) {unknown}; choose from {list(STRONG_OPS)}")
+        if self.n_ops and not self.ops:
+            raise ValueError("ops is empty but n_ops > 0")
+        return self
+
+
+class DataConfig(Strict):
+    """Which images to use."""
+
+    #: Built-in name (cifar10, cifar20, stl10, mnist5k, digits) or a folder / .zip path.
+    dataset: str
+    #: Split to cluster (None: the dataset's training split).
+    split: str | None = None
+    #: Split for the pretext stage (None: same as `split`; STL-10 uses train+unlabeled).
+    pretext_split: str | None = None
+    #: Square side images are resized to once, on load (None: native size when uniform).
+    image_size: int | None = Field(None, ge=8, le=1024)
+    #: Where built-in datasets are downloaded (None: $NNM_DATA_DIR or ~/.cache/nnm/datasets).
+    root: str | None = None
+
+
+class RuntimeConfig(Strict):
+    """Where and how numerically to run."""
+
+    seed: int = 0
+    device: Device = "auto"
+    #: bf16 autocast where the hardware has fast bf16 (AMX / avx512_bf16 CPUs, Ampere+ GPUs).
+    precision: Precision = "auto"
+    #: CPU threads for torch (None: torch's default).
+    threads: int | None = Field(None, ge=1)
+
+
+class PretextConfig(Strict):
+    """SimCLR training of the backbone."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    #: Import a backbone instead of training one: a state-dict file or `torchvision:WEIGHTS_NAME`.
+    init: str | None = None
+    epochs: int = Field(500, ge=0)
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(0.4, gt=0)
+    lr_min: float = Field(4e-4, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.1, gt=0)
+    feature_dim: int = Field(128, ge=2)
+    augment: SimCLRAugmentConfig = Field(default_factory=SimCLRAugmentConfig)
+
+
+class MineConfig(Strict):
+    """Nearest-neighbour mining in the pretext feature space."""
+
+    topk: int = Field(20, ge=1)
+    #: Mine on the contrastive head's output (as SCAN does) or on the pooled backbone feature.
+    feature: Literal["head", "backbone"] = "head"
+    batch_size: int = Field(512, ge=1)
+    #: Queries per search call, so memory stays bounded on very large sets.
+    chunk_size: int = Field(16384, ge=1)
+
+
+class ClusterConfig(Strict):
+    """SCAN / NNM training of the clustering heads."""
+
+    method: Literal["scan", "nnm"] = "nnm"
+    #: Number of clusters (None: the number of classes of a labelled dataset).
+    clusters: int | None = Field(None, ge=2)
+    heads: int = Field(3, ge=1)
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(200, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    entropy_weight: float = Field(5.0, ge=0)
+    #: Neighbours to sample from (None: all mined ones).
+    neighbors: int | None = Field(None, ge=1)
+    #: Train the backbone too (SCAN's default); False trains only the heads.
+    update_backbone: bool = True
+    #: Backbone learning rate as a multiple of `lr` when the backbone is trained.
+    backbone_lr_scale: float = Field(1.0, gt=0)
+    #: NNM terms (ignored by method=scan).
+    local_matching: bool = True
+    global_matching: bool = True
+    cluster_temperature: float = Field(1.0, gt=0)
+    augment: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
+
+
+class SelfLabelConfig(Strict):
+    """Fine-tuning on confident pseudo-labels."""
+
+    enabled: bool = True
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(1000, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    threshold: float = Field(0.99, gt=0, lt=1)
+    class_balance: bool = True
+    #: Exponential moving average of the weights used for pseudo-labels and the result (None: off).
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    augment: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
+
+
+class EvaluateConfig(Strict):
+    """Metrics and pictures."""
+
+    batch_size: int = Field(512, ge=1)
+    #: Most confident members per cluster whose mean feature defines the cluster's prototype.
+    prototype_members: int = Field(10, ge=1)
+    #: Images shown per cluster in prototypes.png (the members closest to that mean).
+    prototype_images: int = Field(5, ge=1, le=20)
+
+
+class PipelineConfig(Strict):
+    """Everything `nnm pipeline` needs."""
+
+    data: DataConfig
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    pretext: PretextConfig = Field(default_factory=PretextConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    selflabel: SelfLabelConfig = Field(default_factory=SelfLabelConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _neighbours_fit(self) -> PipelineConfig:
+        if self.cluster.neighbors is not None and self.cluster.neighbors > self.mine.topk:
+            raise ValueError(f"cluster.neighbors ({self.cluster.neighbors}) exceeds mine.topk ({self.mine.topk})")
+        return self
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One sentence naming every offending key, e.g. "unknown key 'pretext.epoch'"."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        elif e["type"] == "missing":
+            parts.append(f"missing key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"'{key}': {msg}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def parse_config(model: type[M], data: dict[str, Any]) -> M:
+    """Validate `data` as `model`, raising ConfigError with every bad key named."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err)) from None
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as JSON when it can be."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{assignment}' is not of the form key=value")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` updated recursively with `extra` (neither is modified)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,113 @@
+"""The whole pipeline: pretext -> mine -> cluster -> self-label -> export -> evaluate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_json
+from .config import PipelineConfig, deep_merge, parse_config
+from .data import ImageSet, load_dataset, parse_dataset_spec
+from .errors import DatasetError
+from .model_io import InputSpec, ModelInfo, TrainedModel
+from .presets import DatasetTraits, build_preset
+from .progress import ProgressSink
+from .runtime import resolve_device
+from .stages.cluster import load_cluster_model, resolve_clusters, run_cluster
+from .stages.evaluate import run_evaluate
+from .stages.mine import run_mine
+from .stages.pretext import run_pretext
+from .stages.selflabel import run_selflabel
+
+
+def resolve_config(
+    dataset: str, preset: str = "auto", overrides: dict[str, Any] | None = None, data: ImageSet | None = None
+) -> PipelineConfig:
+    """Preset for `dataset` (loaded to learn its traits unless given), with `overrides` on top."""
+    overrides = overrides or {}
+    device = overrides.get("runtime", {}).get("device", "auto")
+    cuda = resolve_device(device).type == "cuda"
+    if data is None:
+        data_cfg = overrides.get("data", {})
+        data = load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"))
+    name, _ = parse_dataset_spec(dataset)
+    traits = DatasetTraits(
+        builtin=name if not Path(dataset).exists() else None,
+        image_size=data.image_size,
+        channels=data.channels,
+        num_images=len(data),
+    )
+    merged = deep_merge(build_preset(preset, traits, cuda), overrides)
+    merged = deep_merge(merged, {"data": {"dataset": dataset}})
+    return parse_config(PipelineConfig, merged)
+
+
+def _stage_timing(summary: dict[str, Any]) -> dict[str, Any]:
+    history = summary.get("history") or []
+    seconds = [h["seconds"] for h in history if "seconds" in h]
+    out: dict[str, Any] = {"epochs": len(history), "seconds": round(sum(seconds), 2)}
+    if seconds:
+        out["seconds_per_epoch"] = round(sum(seconds) / len(seconds), 2)
+        out["images_per_s"] = round(sum(h.get("images_per_s", 0) for h in history) / len(history), 1)
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | None = None) -> dict[str, Any]:
+    """Run every stage into `out_dir` and return the metrics (also written to `metrics.json`).
+
+    Each stage writes its own sub-directory; re-running after a kill resumes where it stopped.
+    The final model is exported to `out_dir/model`, usable by `nnm assign` and `nnm evaluate`.
+    """
+    sink = sink or ProgressSink()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
+    started = time.perf_counter()
+    d = cfg.data
+    data = load_dataset(d.dataset, d.split, d.image_size, d.root)
+    k = resolve_clusters(cfg.cluster.clusters, data)
+    if cfg.mine.topk >= len(data):
+        raise DatasetError(f"the dataset has {len(data)} images, too few for {cfg.mine.topk} neighbours each")
+    pretext_data = data
+    if d.pretext_split and d.pretext_split != (d.split or "train"):
+        pretext_data = load_dataset(d.dataset, d.pretext_split, d.image_size or data.image_size, d.root)
+    rt = cfg.runtime
+    timings: dict[str, Any] = {}
+
+    summary = run_pretext(cfg.pretext, pretext_data, out / "pretext", rt, sink)
+    timings["pretext"] = _stage_timing(summary)
+    summary = run_mine(cfg.mine, data, out / "pretext", out / "mine", rt, sink)
+    timings["mine"] = {"seconds": round(summary["seconds_features"] + summary["seconds_search"], 2)}
+    mine_summary = summary
+    cluster_cfg = cfg.cluster.model_copy(update={"clusters": k})
+    summary = run_cluster(cluster_cfg, data, out / "pretext", out / "mine", out / "cluster", rt, sink)
+    timings["cluster"] = _stage_timing(summary)
+    final = out / "cluster"
+    if cfg.selflabel.enabled:
+        summary = run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink)
+        timings["selflabel"] = _stage_timing(summary)
+        final = out / "selflabel"
+
+    model, meta = load_cluster_model(final)
+    spec = InputSpec.model_validate(meta["input"])
+    trained = TrainedModel(
+        model,
+        ModelInfo(
+            **spec.model_dump(),
+            clusters=k,
+            class_names=data.class_names,
+            dataset=data.source,
+            method=cfg.cluster.method,
+        ),
+    )
+    metrics = run_evaluate(trained, data, out, cfg.evaluate, rt, sink)
+    if data.has_labels:
+        trained.info.cluster_to_class = metrics["cluster_to_class"]
+    else:
+        trained.info.class_names = None
+    trained.save(out / "model")
+    metrics["neighbor_accuracy"] = mine_summary.get("neighbor_accuracy")
+    metrics["timings"] = timings | {"total_seconds": round(time.perf_counter() - started, 2)}
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

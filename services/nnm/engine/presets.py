@@ -1,0 +1,200 @@
+"""Named presets: the papers' settings per dataset, and budgets for CPUs.
+
+A preset is a partial `PipelineConfig` (a dict) chosen from the preset name and a few traits of the
+dataset; user overrides are merged on top of it and the result is validated.
+
+- `nnm`:   NNM's published setup (ResNet-18, SimCLR 500 epochs, NNM 100 epochs, self-label).
+- `scan`:  SCAN's published setup (same pretext; SCAN loss, one head).
+- `cpu`:   small budgets that finish in minutes on a 2-core CPU (narrow ResNet-18, bf16 where fast).
+- `quick`: a smoke run of seconds, for tests and trying the plumbing.
+- `auto`:  `nnm` on a CUDA machine, `cpu` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+PRESETS = ("auto", "nnm", "scan", "cpu", "quick")
+
+
+@dataclass(frozen=True)
+class DatasetTraits:
+    """What a preset needs to know about the data."""
+
+    builtin: str | None  # cifar10, cifar20, stl10, mnist5k, digits, or None for a folder
+    image_size: int
+    channels: int
+    num_images: int
+
+
+def _paper_family(t: DatasetTraits) -> str:
+    if t.builtin in {"cifar10", "cifar20", "stl10"}:
+        return t.builtin
+    if t.image_size <= 64:
+        return "cifar10"
+    return "stl10" if t.image_size <= 160 else "imagenet"
+
+
+def _paper(method: str, t: DatasetTraits) -> dict[str, Any]:
+    fam = _paper_family(t)
+    arch = {"stl10": "resnet18-stl", "imagenet": "resnet50"}.get(fam, "resnet18-cifar")
+    cutout = 0.5 if fam in {"cifar10", "cifar20"} else 1 / 3
+    cfg: dict[str, Any] = {
+        "pretext": {
+            "backbone": {"arch": arch},
+            "epochs": 500,
+            "batch_size": 512,
+            "lr": 0.4,
+            "lr_min": 4e-4,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "temperature": 0.1,
+        },
+        "mine": {"topk": 20},
+        "selflabel": {
+            "epochs": 100 if fam == "stl10" else 200,
+            "batch_size": 1000,
+            "lr": 1e-4,
+            "threshold": 0.99,
+            "augment": {"cutout": cutout},
+        },
+    }
+    if fam == "stl10" and t.builtin == "stl10":
+        cfg["data"] = {"pretext_split": "train+unlabeled"}
+    if method == "nnm":
+        cfg["cluster"] = {
+            "method": "nnm",
+            "heads": 3,
+            "epochs": 100,
+            "lr": 1e-4,
+            "weight_decay": 1e-4,
+            "batch_size": 500 if fam == "cifar20" else 200,
+            "augment": {"cutout": cutout},
+        }
+    else:
+        epochs = 50 if fam == "cifar10" else 100
+        cfg["cluster"] = {
+            "method": "scan",
+            "heads": 1,
+            "epochs": epochs,
+            "lr": 1e-4,
+            "weight_decay": 1e-4,
+            "batch_size": 512 if fam == "cifar20" else 128,
+            "augment": {"cutout": cutout},
+        }
+    return cfg
+
+
+#: Digit-like images: no flips, gentle crops and rotations, no colour.
+_DIGIT_SIMCLR = {
+    "crop_scale": [0.4, 1.0],
+    "flip": False,
+    "rotate_degrees": 15,
+    "jitter": [0.4, 0.4, 0.0, 0.0],
+    "grayscale_p": 0.0,
+}
+_DIGIT_STRONG = {
+    "flip": False,
+    "magnitude": 0.6,
+    "cutout": 0.3,
+    "ops": [
+        "identity",
+        "autocontrast",
+        "equalize",
+        "rotate",
+        "solarize",
+        "posterize",
+        "contrast",
+        "brightness",
+        "sharpness",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
+    ],
+}
+
+
+def _cpu(t: DatasetTraits) -> dict[str, Any]:
+    if t.builtin == "digits" or (t.channels == 1 and t.image_size <= 16):
+        return {
+            "data": {"image_size": 16},
+            "pretext": {
+                "backbone": {"width": 16},
+                "epochs": 150,
+                "batch_size": 256,
+                "lr": 0.4,
+                "warmup_epochs": 5,
+                "augment": _DIGIT_SIMCLR,
+            },
+            "mine": {"topk": 10, "feature": "backbone"},
+            "cluster": {
+                "method": "nnm",
+                "heads": 3,
+                "epochs": 40,
+                "batch_size": 256,
+                "lr": 2e-4,
+                "augment": _DIGIT_STRONG,
+            },
+            "selflabel": {"epochs": 30, "batch_size": 256, "lr": 3e-5, "augment": _DIGIT_STRONG},
+        }
+    if t.channels == 1 and t.image_size <= 32:
+        return {
+            "pretext": {
+                "backbone": {"width": 16},
+                "epochs": 60,
+                "batch_size": 256,
+                "lr": 0.4,
+                "warmup_epochs": 3,
+                "augment": _DIGIT_SIMCLR,
+            },
+            "mine": {"topk": 20, "feature": "backbone"},
+            "cluster": {
+                "method": "nnm",
+                "heads": 3,
+                "epochs": 25,
+                "batch_size": 256,
+                "lr": 2e-4,
+                "augment": _DIGIT_STRONG,
+            },
+            "selflabel": {"epochs": 15, "batch_size": 256, "lr": 1e-4, "augment": _DIGIT_STRONG},
+        }
+    # Colour images: a quarter-width ResNet-18 and few epochs, sized to the set.
+    big = t.num_images > 20000
+    return {
+        "data": {"image_size": min(t.image_size, 32 if t.image_size <= 48 else 64)},
+        "pretext": {
+            "backbone": {"width": 16 if big else 32},
+            "epochs": 25 if big else 60,
+            "batch_size": 512,
+            "lr": 0.6,
+            "warmup_epochs": 2,
+        },
+        "mine": {"topk": 20},
+        "cluster": {"method": "nnm", "heads": 3, "epochs": 8 if big else 30, "batch_size": 256, "lr": 1e-4},
+        "selflabel": {"epochs": 4 if big else 15, "batch_size": 512, "lr": 1e-4},
+    }
+
+
+def _quick(t: DatasetTraits) -> dict[str, Any]:
+    base = _cpu(t)
+    base["pretext"] = base["pretext"] | {"epochs": 3, "warmup_epochs": 0}
+    base["cluster"] = base["cluster"] | {"epochs": 2}
+    base["selflabel"] = base["selflabel"] | {"epochs": 1}
+    return base
+
+
+def build_preset(name: str, traits: DatasetTraits, cuda: bool) -> dict[str, Any]:
+    """The partial configuration of preset `name` for a dataset with `traits`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    if name == "auto":
+        name = "nnm" if cuda else "cpu"
+    if name in {"nnm", "scan"}:
+        return _paper(name, traits)
+    if name == "cpu":
+        return _cpu(traits)
+    return _quick(traits)
