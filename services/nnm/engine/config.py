@@ -122,6 +122,9 @@ class RuntimeConfig(Strict):
     precision: Precision = "auto"
     #: CPU threads for torch (None: torch's default).
     threads: int | None = Field(None, ge=1)
+    #: Largest chunk of images per forward pass during training (None: 256 on CPU, whole batch on GPU).
+    #: Smaller chunks keep a CPU's caches warm; the loss still sees the whole batch.
+    micro_batch: int | None = Field(None, ge=1)
 
 
 class PretextConfig(Strict):

@@ -31,8 +31,14 @@ def _faiss_search(features: np.ndarray, k: int, chunk: int, use_gpu: bool) -> tu
     return sims, idx
 
 
+def _score_rows(n: int, chunk: int) -> int:
+    """Query rows per block so one block of scores stays near 2^26 values (256 MB) at most."""
+    return max(1, min(chunk, 2**26 // max(1, n)))
+
+
 def _torch_search(features: np.ndarray, k: int, chunk: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     base = torch.from_numpy(features).to(device)
+    chunk = _score_rows(len(features), chunk)
     sims, idx = [], []
     for start in range(0, len(features), chunk):
         scores = base[start : start + chunk] @ base.t()
@@ -97,6 +103,7 @@ def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", ch
     x = torch.as_tensor(features).float()
     base = x.to(device)
     sq = (base * base).sum(dim=1)
+    chunk = _score_rows(len(x), chunk)
     out = []
     for start in range(0, len(x), chunk):
         q = base[start : start + chunk]

@@ -107,9 +107,8 @@ class TqdmSink(ProgressSink):
         self._close()
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            self._close()
-            print(text, file=self.stream, flush=True)
+        self._close()
+        print(text, file=self.stream, flush=True)
 
     def _close(self) -> None:
         if self._bar is not None:

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class Runtime:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.channels_last = True
+        self.micro_batch = cfg.micro_batch or (256 if self.device.type == "cpu" else 0)
 
     @property
     def seed(self) -> int:
@@ -73,6 +74,12 @@ class Runtime:
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward_chunked(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """`fn(x)` computed over chunks of at most `micro_batch` rows and concatenated (with autograd)."""
+        if not self.micro_batch or x.shape[0] <= self.micro_batch:
+            return fn(x)
+        return torch.cat([fn(chunk) for chunk in x.split(self.micro_batch)])
 
     def seed_all(self, *salt: object) -> None:
         """Seed every global RNG from the run seed and a salt (e.g. the stage name)."""

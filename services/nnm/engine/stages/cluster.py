@@ -41,9 +41,15 @@ def resolve_clusters(requested: int | None, data: ImageSet) -> int:
 def head_losses(probs: list[torch.Tensor], neighbors: torch.Tensor, entropy_weight: float) -> list[float]:
     """Label-free SCAN loss of every head over the whole set and all its mined neighbours."""
     out = []
+    rows = max(1, 2**24 // max(1, neighbors.shape[1] * probs[0].shape[1]))  # bounds the gathered block
     for p in probs:
-        sim = (p[:, None, :] * p[neighbors]).sum(dim=2).clamp_min(1e-8)
-        out.append(float(-sim.log().mean() - entropy_weight * entropy(p.mean(dim=0))))
+        total = 0.0
+        for start in range(0, len(p), rows):
+            block = p[neighbors[start : start + rows]]
+            sim = (p[start : start + rows, None, :] * block).sum(dim=2).clamp_min(1e-8)
+            total += float(sim.log().sum())
+        consistency = -total / neighbors.numel()
+        out.append(consistency - entropy_weight * float(entropy(p.mean(dim=0))))
     return out
 
 
@@ -168,7 +174,7 @@ def run_cluster(
             inputs = rt.to_model(torch.cat(views))
             with rt.autocast():
                 with torch.set_grad_enabled(cfg.update_backbone):
-                    feats = model.backbone(inputs)
+                    feats = rt.forward_chunked(model.backbone, inputs)
                 logits = model.forward_features(feats)
             batch_nb = batch_nearest(feats[:b]) if nnm and cfg.local_matching else None
             total = torch.zeros((), device=rt.device)

@@ -80,7 +80,7 @@ def run_pretext(
             x = rt.to_device(data.images[idx])
             views = torch.cat([augment(x, gen), augment(x, gen)])
             with rt.autocast():
-                z = model(rt.to_model(views))
+                z = rt.forward_chunked(model, rt.to_model(views))
             loss = nt_xent(z[: len(idx)], z[len(idx) :], cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,55 @@
+import pytest
+from nnm.engine.config import PipelineConfig, apply_override, parse_config
+from nnm.engine.errors import ConfigError
+from nnm.engine.presets import DatasetTraits, build_preset
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown key 'pretext.epoch'"):
+        parse_config(PipelineConfig, {"data": {"dataset": "digits"}, "pretext": {"epoch": 3}})
+
+
+def test_invalid_values_are_named():
+    with pytest.raises(ConfigError, match="'cluster.clusters'"):
+        parse_config(PipelineConfig, {"data": {"dataset": "digits"}, "cluster": {"clusters": 1}})
+    with pytest.raises(ConfigError, match="'pretext.epochs'"):
+        parse_config(PipelineConfig, {"data": {"dataset": "digits"}, "pretext": {"epochs": -1}})
+    with pytest.raises(ConfigError, match="unknown operation"):
+        parse_config(PipelineConfig, {"data": {"dataset": "x"}, "cluster": {"augment": {"ops": ["blur"]}}})
+
+
+def test_neighbours_cannot_exceed_mined_topk():
+    with pytest.raises(ConfigError, match="exceeds mine.topk"):
+        parse_config(PipelineConfig, {"data": {"dataset": "x"}, "mine": {"topk": 5}, "cluster": {"neighbors": 10}})
+
+
+def test_override_parsing():
+    data: dict = {}
+    apply_override(data, "pretext.epochs=7")
+    apply_override(data, "cluster.method=scan")
+    apply_override(data, "pretext.augment.crop_scale=[0.3, 1.0]")
+    assert data == {"pretext": {"epochs": 7, "augment": {"crop_scale": [0.3, 1.0]}}, "cluster": {"method": "scan"}}
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override(data, "pretext.epochs")
+
+
+def test_paper_presets_follow_the_papers():
+    cifar = DatasetTraits("cifar10", 32, 3, 50000)
+    nnm = parse_config(PipelineConfig, build_preset("nnm", cifar, cuda=True) | {"data": {"dataset": "cifar10"}})
+    assert (nnm.pretext.epochs, nnm.pretext.batch_size, nnm.pretext.lr, nnm.pretext.temperature) == (500, 512, 0.4, 0.1)
+    assert (nnm.cluster.method, nnm.cluster.heads, nnm.cluster.epochs, nnm.cluster.batch_size) == ("nnm", 3, 100, 200)
+    assert nnm.selflabel.threshold == 0.99 and nnm.selflabel.epochs == 200
+    scan = parse_config(PipelineConfig, build_preset("scan", cifar, cuda=True) | {"data": {"dataset": "cifar10"}})
+    assert (scan.cluster.method, scan.cluster.epochs, scan.cluster.batch_size) == ("scan", 50, 128)
+    stl = build_preset("nnm", DatasetTraits("stl10", 96, 3, 5000), cuda=True)
+    assert stl["pretext"]["backbone"]["arch"] == "resnet18-stl"
+    assert stl["data"]["pretext_split"] == "train+unlabeled"
+    assert build_preset("nnm", DatasetTraits("cifar20", 32, 3, 50000), True)["cluster"]["batch_size"] == 500
+
+
+def test_auto_preset_depends_on_device_and_unknown_preset_fails():
+    traits = DatasetTraits("digits", 8, 1, 1797)
+    assert build_preset("auto", traits, cuda=False) == build_preset("cpu", traits, cuda=False)
+    assert build_preset("auto", traits, cuda=True) == build_preset("nnm", traits, cuda=True)
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        build_preset("fast", traits, cuda=False)

@@ -1,0 +1,102 @@
+"""Checkpoints: round trip, resume after an interruption, refusal of foreign checkpoints."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from nnm.engine.checkpoint import StageDir, safe_load
+from nnm.engine.config import PretextConfig, RuntimeConfig
+from nnm.engine.errors import Cancelled, CheckpointError
+from nnm.engine.progress import ProgressSink
+from nnm.engine.stages.pretext import run_pretext
+
+CFG = PretextConfig(backbone={"width": 8}, epochs=3, batch_size=100, lr=0.1)
+RT = RuntimeConfig(seed=3)
+
+
+class StopAfter(ProgressSink):
+    def __init__(self, steps: int):
+        self.steps, self.seen = steps, 0
+
+    def update(self, event) -> None:
+        self.seen += 1
+
+    def should_stop(self) -> bool:
+        return self.seen >= self.steps
+
+
+def test_stage_dir_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stage = StageDir(tmp_path, "demo", {"a": 1})
+    stage.save(4, {"model": model, "optimizer": opt}, {"history": [{"loss": 1.5}], "memory": torch.ones(2)})
+    other = torch.nn.Linear(3, 2)
+    epoch, state = StageDir(tmp_path, "demo", {"a": 1}).resume({"model": other, "optimizer": opt})
+    assert epoch == 4 and state["history"] == [{"loss": 1.5}] and torch.equal(state["memory"], torch.ones(2))
+    assert torch.equal(other.weight, model.weight)
+    with pytest.raises(CheckpointError, match=r"other settings \(differs in a\)"):
+        StageDir(tmp_path, "demo", {"a": 2}).resume({"model": other})
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, small_digits):
+    reference = tmp_path / "ref"
+    run_pretext(CFG, small_digits, reference, RT)
+    interrupted = tmp_path / "int"
+    with pytest.raises(Cancelled):
+        run_pretext(CFG, small_digits, interrupted, RT, StopAfter(6))  # 4 steps per epoch: stops in epoch 2
+    assert safe_load(interrupted / "checkpoint.pt")["epoch"] == 1
+    assert not (interrupted / "done.json").exists()
+    summary = run_pretext(CFG, small_digits, interrupted, RT)
+    assert len(summary["history"]) == 3
+    a, b = safe_load(reference / "model.pt"), safe_load(interrupted / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (interrupted / "checkpoint.pt").exists()  # removed once the stage is done
+
+
+def test_rerun_of_a_finished_stage_is_a_no_op_and_other_settings_are_refused(tmp_path, small_digits):
+    out = tmp_path / "p"
+    run_pretext(CFG.model_copy(update={"epochs": 1}), small_digits, out, RT)
+    mtime = (out / "model.pt").stat().st_mtime_ns
+    run_pretext(CFG.model_copy(update={"epochs": 1}), small_digits, out, RT)
+    assert (out / "model.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(CheckpointError, match="config.epochs"):
+        run_pretext(CFG.model_copy(update={"epochs": 2}), small_digits, out, RT)
+
+
+def test_cli_resumes_after_kill_9(tmp_path):
+    out = tmp_path / "pretext"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nnm.cli.main",
+        "pretext",
+        "--dataset",
+        "digits",
+        "--preset",
+        "quick",
+        "--quiet",
+        "--set",
+        "pretext.epochs=8",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert (out / "checkpoint.pt").exists(), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = safe_load(out / "checkpoint.pt")["epoch"]
+    assert 1 <= done_before < 8
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming after epoch {done_before}" in again.stderr
+    assert (out / "done.json").exists() and (out / "model.pt").exists()
+    # No temporary files are left behind.
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
