@@ -43,11 +43,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_image_folder(root: Path, data: ImageSet, count: int | None = None, labelled: bool = True) -> Path:
-    """Write images of `data` as PNG files in ImageFolder layout (or flat)."""
+def write_image_folder(
+    root: Path, data: ImageSet, count: int | None = None, labelled: bool = True, step: int = 1
+) -> Path:
+    """Write every `step`-th image of `data` (at most `count`) as PNG files, in ImageFolder layout or flat."""
     root.mkdir(parents=True, exist_ok=True)
-    n = count or len(data)
-    for i in range(n):
+    for i in list(range(0, len(data), step))[: count or len(data)]:
         arr = data.images[i].numpy()
         arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
         folder = root / data.class_names[int(data.labels[i])] if labelled else root

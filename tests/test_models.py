@@ -76,9 +76,13 @@ def test_import_rejects_wrong_architecture_with_a_clear_message(tmp_path):
         import_backbone(build_backbone(BackboneConfig(width=32), 3), str(path))
 
 
+class Arbitrary:
+    """Any class: unpickling it could run code, so weights_only loading must refuse it."""
+
+
 def test_safe_load_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"weights": torch.zeros(1), "obj": object.__new__(ValueError)}, path)
+    torch.save({"weights": torch.zeros(1), "obj": Arbitrary()}, path)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         safe_load(path)
 

@@ -316,8 +316,10 @@ def decode_image(data: bytes, name: str, max_pixels: int, mode: str = "RGB") -> 
         return img.convert(mode)
     except DatasetError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"file '{name}' is not a readable image ({exc.__class__.__name__})") from None
+    except Image.DecompressionBombError:
+        raise DatasetError(f"image '{name}' declares too many pixels (a decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"file '{name}' is not a readable image") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"image '{name}' is corrupt or truncated ({exc})") from None
 

@@ -194,7 +194,7 @@ def run_cluster(
             total.backward()
             opt.step()
             parts.pop("total", None)
-            meter.after_step(step, b, {"loss": float(total) / len(logits), **parts})
+            meter.after_step(step, b, {"loss": float(total.detach()) / len(logits), **parts})
         stats: dict[str, Any] = meter.summary()
         losses, new_memory = evaluate_all()
         if use_global:

@@ -1,0 +1,121 @@
+"""End to end on real images (scikit-learn digits): the pipeline beats k-means on pixels, its outputs
+are complete, `nnm assign` and `nnm evaluate` agree with it, and the same seed gives the same metrics."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli, write_image_folder
+from nnm.engine.data import load_dataset
+from nnm.engine.metrics import accuracy_after_matching, match_clusters
+from PIL import Image
+from sklearn.cluster import KMeans
+
+# A reduced version of the `cpu` preset, sized for CI (about two minutes on 2 cores).
+TEST_BUDGET = ["--set", "pretext.epochs=60", "--set", "cluster.epochs=20", "--set", "selflabel.epochs=5"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits-run")
+    r = run_cli(
+        "pipeline",
+        "--dataset",
+        "digits",
+        "--preset",
+        "cpu",
+        "--seed",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+        *TEST_BUDGET,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def kmeans_pixel_accuracy() -> float:
+    data = load_dataset("digits")
+    x = data.images.reshape(len(data), -1).float().numpy()
+    y = data.labels.numpy()
+    pred = KMeans(10, n_init=10, random_state=0).fit_predict(x)
+    return accuracy_after_matching(pred, y, match_clusters(pred, y, 10, 10))
+
+
+@pytest.mark.slow
+def test_pipeline_beats_kmeans_on_pixels(trained):
+    out, result = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    baseline = kmeans_pixel_accuracy()
+    assert 0.7 < baseline < 0.85
+    assert metrics["acc"] > baseline + 0.05, (metrics["acc"], baseline)
+    assert {"acc", "nmi", "ari", "top5", "per_class_accuracy", "cluster_sizes", "timings"} <= metrics.keys()
+    assert json.loads(result.stdout)["acc"] == metrics["acc"]
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_are_complete(trained):
+    out, _ = trained
+    for name in ("confusion_matrix.png", "prototypes.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.size[0] > 100 and im.size[1] > 100
+    cm = json.loads((out / "confusion_matrix.json").read_text())
+    assert cm["class_names"] == [str(i) for i in range(10)]
+    assert np.allclose(np.asarray(cm["matrix"]).sum(axis=1), 1.0)
+    model = json.loads((out / "model" / "model.json").read_text())
+    assert model["clusters"] == 10 and len(model["cluster_to_class"]) == 10
+    protos = json.loads((out / "prototypes.json").read_text())["clusters"]
+    assert len(protos) == 10 and all(p["images"] or p["size"] == 0 for p in protos)
+    for stage in ("pretext", "mine", "cluster", "selflabel"):
+        assert (out / stage / "done.json").exists()
+        assert not (out / stage / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_assign_agrees_with_the_pipeline(trained, tmp_path):
+    out, _ = trained
+    data = load_dataset("digits")
+    rows = list(csv.DictReader((out / "assignments.csv").open()))
+    files = []
+    for i in range(12):
+        arr = data.images[i, 0].numpy()
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(arr).save(path)
+        files.append(str(path))
+    r = run_cli("assign", "--model", str(out), *files)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["path"] for line in lines] == files
+    # Same pixels (8x8 PNG, resized to 16 px like the training set) -> same clusters as in training.
+    assert [line["cluster"] for line in lines] == [int(rows[i]["cluster"]) for i in range(12)]
+    assert all(0 < line["confidence"] <= 1 and line["class_name"] in data.class_names for line in lines)
+
+
+@pytest.mark.slow
+def test_evaluate_on_another_labelled_folder(trained, tmp_path):
+    out, _ = trained
+    data = load_dataset("digits")
+    folder = write_image_folder(tmp_path / "held", data, count=300)
+    r = run_cli("evaluate", "--model", str(out), "--dataset", str(folder), "--out", str(tmp_path / "ev"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    train_metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 300
+    assert abs(metrics["acc"] - train_metrics["acc"]) < 0.1  # these 300 are training images: same level
+    assert (tmp_path / "ev" / "confusion_matrix.png").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(tmp_path):
+    args = ["--dataset", "digits", "--preset", "quick", "--seed", "7", "--quiet"]
+    a = run_cli("pipeline", *args, "--out", str(tmp_path / "a"))
+    b = run_cli("pipeline", *args, "--out", str(tmp_path / "b"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in ("acc", "nmi", "ari", "cluster_sizes", "mean_confidence"):
+        assert ma[key] == mb[key]
