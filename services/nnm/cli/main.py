@@ -94,7 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration of a preset as JSON")
     _add_common(p)
+
+    p = sub.add_parser("serve", help="run the REST service (embedded: SQLite, local files, in-process workers)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, help="where the embedded service keeps its data (NNM_DATA_DIR)")
+
+    p = sub.add_parser("migrate", help="create or upgrade the job store's tables (NNM_DATABASE_URL)")
+    p.add_argument("--data-dir", type=Path)
     return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the gateway with uvicorn; settings come from NNM_* variables."""
+    if args.data_dir:
+        os.environ["NNM_DATA_DIR"] = str(args.data_dir)
+    import uvicorn
+
+    print(f"nnm: serving on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run("nnm.service.gateway.main:app", factory=True, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    if args.data_dir:
+        os.environ["NNM_DATA_DIR"] = str(args.data_dir)
+    from nnm.service.migrations import upgrade
+    from nnm.service.settings import load_settings
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    print("nnm: database is at the newest schema", file=sys.stderr)
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
     from nnm.engine.pipeline import resolve_config, run_pipeline
 
     cmd = args.command
+    if cmd == "serve":
+        return serve(args)
+    if cmd == "migrate":
+        return migrate(args)
     if cmd == "assign":
         from nnm.engine.model_io import TrainedModel
         from nnm.engine.stages.assign import assign_images, read_image_files
@@ -224,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("nnm: error: out of memory; use a smaller batch size or fewer images", file=sys.stderr)
         return EXIT_USER_ERROR
+    except ValueError as exc:
+        if str(exc).startswith("invalid settings"):
+            print(f"nnm: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if args.debug or os.environ.get("NNM_DEBUG"):
+            raise
+        print(f"nnm: internal error: ValueError: {exc} (run with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
     except OSError as exc:
         print(f"nnm: error: {exc.strerror or exc} ({exc.filename or 'I/O'})", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -109,7 +109,7 @@ class DataConfig(Strict):
     pretext_split: str | None = None
     #: Square side images are resized to once, on load (None: native size when uniform).
     image_size: int | None = Field(None, ge=8, le=1024)
-    #: Where built-in datasets are downloaded (None: $NNM_DATA_DIR or ~/.cache/nnm/datasets).
+    #: Where built-in datasets are downloaded (None: $NNM_DATASETS_DIR or ~/.cache/nnm/datasets).
     root: str | None = None
 
 

@@ -81,8 +81,8 @@ class ImageSet:
 
 
 def default_data_root() -> Path:
-    """Where built-in datasets are downloaded: $NNM_DATA_DIR or ~/.cache/nnm/datasets."""
-    return Path(os.environ.get("NNM_DATA_DIR", Path.home() / ".cache" / "nnm" / "datasets"))
+    """Where built-in datasets are downloaded: $NNM_DATASETS_DIR or ~/.cache/nnm/datasets."""
+    return Path(os.environ.get("NNM_DATASETS_DIR") or Path.home() / ".cache" / "nnm" / "datasets")
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
@@ -182,7 +182,7 @@ def _torchvision_dataset(factory: Callable[..., object], name: str, root: Path, 
     except Exception as exc:  # torchvision raises assorted errors for network and integrity failures
         raise DatasetError(
             f"could not download or read dataset '{name}' under {root} ({exc.__class__.__name__}: {exc}); "
-            "place the files there, set NNM_DATA_DIR, or pass an image folder instead"
+            "place the files there, set NNM_DATASETS_DIR, or pass an image folder instead"
         ) from None
 
 
@@ -412,3 +412,56 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[list[float],
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
     return [float(v) for v in mean], [float(max(v, 1e-3)) for v in std]
+
+
+@dataclass(frozen=True)
+class BuiltinInfo:
+    """What is known about a built-in dataset without downloading it."""
+
+    image_size: int
+    channels: int
+    counts: dict[str, int]
+    classes: tuple[str, ...]
+    unlabelled_splits: tuple[str, ...] = ()
+
+
+_CIFAR20 = (
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
+)
+BUILTIN_INFO: dict[str, BuiltinInfo] = {
+    "digits": BuiltinInfo(8, 1, {"train": 1797, "all": 1797}, tuple(str(i) for i in range(10))),
+    "mnist5k": BuiltinInfo(28, 1, {"train": 5000, "all": 5000}, tuple(str(i) for i in range(10))),
+    "cifar10": BuiltinInfo(
+        32,
+        3,
+        {"train": 50000, "test": 10000, "train+test": 60000},
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),
+    "cifar20": BuiltinInfo(32, 3, {"train": 50000, "test": 10000, "train+test": 60000}, _CIFAR20),
+    "stl10": BuiltinInfo(
+        96,
+        3,
+        {"train": 5000, "test": 8000, "unlabeled": 100000, "train+unlabeled": 105000, "train+test": 13000},
+        ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+        unlabelled_splits=("unlabeled", "train+unlabeled"),
+    ),
+}

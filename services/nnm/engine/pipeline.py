@@ -26,10 +26,8 @@ def resolve_config(
 ) -> PipelineConfig:
     """Preset for `dataset` (loaded to learn its traits unless given), with `overrides` on top."""
     overrides = overrides or {}
-    device = overrides.get("runtime", {}).get("device", "auto")
-    cuda = resolve_device(device).type == "cuda"
     if data is None:
-        data_cfg = overrides.get("data", {})
+        data_cfg = overrides.get("data", {}) if isinstance(overrides.get("data"), dict) else {}
         data = load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"))
     name, _ = parse_dataset_spec(dataset)
     traits = DatasetTraits(
@@ -38,6 +36,14 @@ def resolve_config(
         channels=data.channels,
         num_images=len(data),
     )
+    return config_for_traits(dataset, preset, overrides, traits)
+
+
+def config_for_traits(dataset: str, preset: str, overrides: dict[str, Any], traits: DatasetTraits) -> PipelineConfig:
+    """Preset `preset` for a dataset with `traits`, `overrides` merged on top, validated."""
+    runtime = overrides.get("runtime") if isinstance(overrides.get("runtime"), dict) else {}
+    device = runtime.get("device", "auto") if isinstance(runtime.get("device", "auto"), str) else "auto"
+    cuda = device == "cuda" or (device == "auto" and resolve_device("auto").type == "cuda")
     merged = deep_merge(build_preset(preset, traits, cuda), overrides)
     merged = deep_merge(merged, {"data": {"dataset": dataset}})
     return parse_config(PipelineConfig, merged)

@@ -1,0 +1,176 @@
+"""Request and response models of the nnm REST API (pydantic v2), shared by gateway and workers.
+
+`api_schemas/openapi.json` is the checked-in OpenAPI document of the gateway; a test keeps it in
+sync with the app (regenerate with `python -m nnm.service.gateway.openapi`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobType(str, Enum):
+    pretext = "pretext"
+    mine = "mine"
+    cluster = "cluster"
+    selflabel = "selflabel"
+    evaluate = "evaluate"
+    pipeline = "pipeline"
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+BuiltinDataset = Literal["cifar10", "cifar20", "stl10", "digits", "mnist5k"]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; `errors` lists field-level problems of a validation failure."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class BuiltinDatasetCreate(_Model):
+    """JSON body of POST /v1/datasets for a built-in dataset."""
+
+    builtin: BuiltinDataset
+    name: str | None = Field(None, max_length=200)
+    split: str | None = Field(None, max_length=40, description="e.g. 'test', 'train+unlabeled'")
+
+
+class DatasetOut(_Model):
+    id: str
+    name: str
+    kind: Literal["upload", "builtin"]
+    builtin: str | None = None
+    split: str | None = None
+    image_count: int | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    classes: list[str] | None = None
+    labelled: bool
+    size_bytes: int | None = None
+    created_at: datetime
+
+
+class DatasetList(_Model):
+    items: list[DatasetOut]
+    next_cursor: str | None = None
+
+
+class JobInputs(_Model):
+    """Earlier results a job builds on (by job id; a pipeline job counts as having every stage)."""
+
+    pretext_job_id: str | None = None
+    mine_job_id: str | None = None
+    cluster_job_id: str | None = None
+    model_id: str | None = None
+
+
+class JobCreate(_Model):
+    type: JobType
+    dataset_id: str
+    inputs: JobInputs = Field(default_factory=JobInputs)
+    #: The engine's settings: {"preset": NAME, "pretext": {...}, "cluster": {...}, ...}.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Progress(_Model):
+    stage: str | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    fraction: float | None = None
+    loss: float | None = None
+    images_per_s: float | None = None
+    updated_at: datetime | None = None
+
+
+class StageOut(_Model):
+    name: str
+    status: Literal["pending", "running", "succeeded"]
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ArtifactOut(_Model):
+    name: str
+    size: int
+    url: str
+
+
+class JobOut(_Model):
+    id: str
+    type: JobType
+    status: JobStatus
+    dataset_id: str
+    inputs: JobInputs
+    params: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    stage: str | None = None
+    stages: list[StageOut] = Field(default_factory=list)
+    progress: Progress | None = None
+    metrics: dict[str, Any] | None = None
+    error: Problem | None = None
+    artifacts: list[ArtifactOut] = Field(default_factory=list)
+    model_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobList(_Model):
+    items: list[JobOut]
+    next_cursor: str | None = None
+
+
+class ModelOut(_Model):
+    id: str
+    job_id: str
+    dataset_id: str
+    clusters: int
+    class_names: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+    created_at: datetime
+
+
+class ModelList(_Model):
+    items: list[ModelOut]
+    next_cursor: str | None = None
+
+
+class Assignment(_Model):
+    filename: str
+    cluster: int
+    confidence: float
+    class_name: str | None = None
+
+
+class Health(_Model):
+    status: Literal["ok", "ready", "not ready"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# A Celery worker for training jobs on one NVIDIA GPU (queue `gpu`). Run one container per GPU.
+# Build from the repository root:  docker build -f docker/worker-gpu.Dockerfile -t nnm-worker-gpu .
+# Needs the NVIDIA Container Toolkit on the host (see docker-compose.gpu.yml).
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# GPU faiss from PyPI; the wheel links the CUDA 12 runtime and cuBLAS from pip's nvidia-*-cu12
+# packages, so no CUDA toolkit is needed in the image. faiss-gpu-cu12 is the community build of the
+# faiss-wheels project; Meta also publishes `faiss-gpu` (CUDA 12 runtime from pip, Linux x86_64):
+# pick it with --build-arg FAISS_GPU_PACKAGE=faiss-gpu.
+ARG FAISS_GPU_PACKAGE=faiss-gpu-cu12
+
+WORKDIR /opt/nnm
+COPY pyproject.toml README.md ./
+COPY services/ services/
+COPY api_schemas/ api_schemas/
+# Keep the base image's CUDA builds of torch and torchvision: pin them to the installed versions so
+# that resolving the project cannot replace them with other wheels. No `faiss` extra: that is faiss-cpu.
+RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" \
+        > /tmp/torch-constraints.txt \
+    && pip install -c /tmp/torch-constraints.txt "${FAISS_GPU_PACKAGE}" '.[small-data,service]' \
+    && rm -rf /opt/nnm/build /tmp/torch-constraints.txt
+
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/nnm --shell /usr/sbin/nologin nnm \
+    && mkdir -p /var/lib/nnm \
+    && chown nnm:nnm /var/lib/nnm
+USER nnm
+WORKDIR /home/nnm
+ENV NNM_DATA_DIR=/var/lib/nnm \
+    NNM_DEVICE=cuda
+
+HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
+    CMD ["sh", "-c", "celery -A nnm.service.celery_app inspect ping -d gpu@$HOSTNAME -t 10"]
+
+# One job per GPU, no prefetching (a prefetched message would wait behind a days-long job).
+CMD ["celery", "-A", "nnm.service.celery_app", "worker", "-Q", "gpu", "--concurrency", "1", \
+     "--prefetch-multiplier", "1", "-n", "gpu@%h", "--loglevel", "INFO"]

@@ -1,0 +1,95 @@
+"""Entry point of a job's child process: `python -m nnm.service.child JOB_ID ATTEMPT WORKDIR`.
+
+Training runs in a child of the worker task (not inside Celery's prefork process), so DataLoader
+workers and torch multiprocessing work and a cancelled or stuck job can be killed as a process
+group. The outcome goes to WORKDIR/result.json; the exit status says which kind it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOST = 0, 2, 3, 4
+
+
+def _write_result(workdir: Path, result: dict) -> None:
+    from nnm.engine.checkpoint import atomic_write_json
+
+    atomic_write_json(workdir / "result.json", result)
+
+
+def main(argv: list[str]) -> int:
+    job_id, attempt, workdir = argv[0], int(argv[1]), Path(argv[2])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s child %(levelname)s %(message)s")
+    # SIGTERM (cancel after the grace period, or worker shutdown) ends the process like Ctrl-C would.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from nnm.engine.errors import Cancelled, NNMError
+
+    from .context import ServiceContext
+    from .execution import JobLost, run_job_stages
+    from .jobspec import SpecError
+    from .storage import StorageError
+
+    ctx = ServiceContext.from_settings()
+    try:
+        job = ctx.jobs.get_job(job_id)
+        if job is None or job.attempt != attempt:
+            return EXIT_LOST
+        result = run_job_stages(ctx, job, attempt, workdir)
+        _write_result(workdir, {"status": "succeeded", **result})
+        return EXIT_OK
+    except (Cancelled, KeyboardInterrupt):
+        _write_result(workdir, {"status": "cancelled"})
+        return EXIT_CANCELLED
+    except JobLost:
+        return EXIT_LOST
+    except (NNMError, SpecError) as exc:
+        kind = getattr(exc, "kind", "invalid-input")
+        _write_result(
+            workdir,
+            {
+                "status": "failed",
+                "error": {"type": f"urn:nnm:problem:{kind}", "title": "Job failed", "status": 422, "detail": str(exc)},
+            },
+        )
+        return EXIT_FAILED
+    except StorageError as exc:
+        _write_result(
+            workdir,
+            {
+                "status": "failed",
+                "retry": True,
+                "error": {
+                    "type": "urn:nnm:problem:storage-unavailable",
+                    "title": "Artifact store unavailable",
+                    "status": 503,
+                    "detail": str(exc),
+                },
+            },
+        )
+        return EXIT_FAILED
+    except Exception as exc:
+        logging.error("job %s crashed:\n%s", job_id, traceback.format_exc())
+        _write_result(
+            workdir,
+            {
+                "status": "failed",
+                "error": {
+                    "type": "urn:nnm:problem:internal",
+                    "title": "Internal error",
+                    "status": 500,
+                    "detail": f"the job stopped with an internal error ({exc.__class__.__name__})",
+                },
+            },
+        )
+        return EXIT_FAILED
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,104 @@
+"""A small client of the REST API (used by the demo, the benchmarks and the tests)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class ApiError(Exception):
+    def __init__(self, response: httpx.Response):
+        self.status = response.status_code
+        try:
+            self.problem = response.json()
+        except ValueError:
+            self.problem = {"detail": response.text}
+        super().__init__(f"{self.status}: {self.problem.get('detail')}")
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            raise ApiError(r)
+        return r
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the service did not become ready")
+            time.sleep(0.3)
+
+    def builtin_dataset(self, name: str, split: str | None = None) -> dict[str, Any]:
+        body = {"builtin": name, **({"split": split} if split else {})}
+        return self._check(self.http.post("/v1/datasets", json=body)).json()
+
+    def upload_dataset(self, path: Path, name: str | None = None) -> dict[str, Any]:
+        with open(path, "rb") as f:
+            files = {"file": (Path(path).name, f, "application/zip")}
+            data = {"name": name} if name else {}
+            return self._check(self.http.post("/v1/datasets", files=files, data=data)).json()
+
+    def submit(
+        self,
+        type_: str,
+        dataset_id: str,
+        params: dict | None = None,
+        inputs: dict | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"type": type_, "dataset_id": dataset_id, "params": params or {}, "inputs": inputs or {}}
+        return self._check(self.http.post("/v1/jobs", json=body, headers=headers)).json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 3600,
+        poll_s: float = 1.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll_s)
+
+    def artifact(self, job_id: str, name: str) -> bytes:
+        r = self._check(self.http.get(f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=False))
+        if r.status_code == 307:
+            return self._check(httpx.get(r.headers["location"], timeout=60)).content
+        return r.content
+
+    def assign(self, model_id: str, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+        return self._check(self.http.post(f"/v1/models/{model_id}/assign", files=parts)).json()
+
+    def close(self) -> None:
+        self.http.close()

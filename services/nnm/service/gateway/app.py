@@ -1,0 +1,109 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from nnm import __version__
+
+from ..context import ServiceContext
+from ..queue import JobQueue, LocalQueue, make_queue
+from ..reconciler import Reconciler
+from . import problems
+from .deps import Gateway
+from .limits import BodySizeLimit
+from .model_cache import ModelCache
+from .routes_datasets import router as datasets_router
+from .routes_health import router as health_router
+from .routes_jobs import router as jobs_router
+from .routes_models import router as models_router
+
+log = logging.getLogger("nnm.gateway")
+
+DESCRIPTION = """Learn to classify images without labels: upload images, queue SimCLR -> neighbour mining ->
+SCAN/NNM clustering -> self-labelling jobs, poll their progress, fetch metrics and pictures, and assign
+new images to the discovered clusters. Every error is RFC 9457 problem+json."""
+
+
+def _metrics(app: FastAPI, ctx: ServiceContext) -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily
+
+    registry = CollectorRegistry()
+    requests = Counter("nnm_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram(
+        "nnm_http_request_seconds",
+        "HTTP request latency",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    )
+
+    class JobGauge:
+        def collect(self) -> Any:
+            g = GaugeMetricFamily("nnm_jobs_active", "Jobs queued, running or cancelling", labels=["status"])
+            try:
+                counts = ctx.jobs.count_active()
+            except Exception:
+                counts = {}
+            for status in ("queued", "running", "cancelling"):
+                g.add_metric([status], counts.get(status, 0))
+            yield g
+
+    registry.register(JobGauge())
+    app.state.registry = registry
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+
+def create_app(
+    ctx: ServiceContext | None = None, queue: JobQueue | None = None, reconcile_interval_s: float = 15.0
+) -> FastAPI:
+    """Build the gateway. Without arguments: settings from the environment, migrations applied,
+    the queue they name (Celery, or in-process workers in embedded mode)."""
+    if ctx is None:
+        from ..settings import load_settings
+
+        settings = load_settings()
+        ctx = ServiceContext.from_settings(settings, migrate=settings.auto_migrate)
+    queue = queue or make_queue(ctx)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reconciler = Reconciler(ctx, queue, reconcile_interval_s) if reconcile_interval_s > 0 else None
+        if isinstance(queue, LocalQueue):
+            # Embedded: the in-process queue is empty after a restart; put unfinished jobs back.
+            from ..reconciler import reconcile_once
+
+            reconcile_once(ctx, queue, republish_after_s=0)
+        if reconciler:
+            reconciler.start()
+        try:
+            yield
+        finally:
+            if reconciler:
+                reconciler.stop()
+            queue.close()
+            ctx.close()
+
+    app = FastAPI(title="nnm", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx))
+    problems.install(app)
+    _metrics(app, ctx)
+    for router in (health_router, datasets_router, jobs_router, models_router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)
+    return app

@@ -1,0 +1,46 @@
+"""Trained models for assignment, fetched from the artifact store once and kept in memory (LRU)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from nnm.engine.model_io import TrainedModel
+
+from ..context import ServiceContext
+from ..db import ModelRow
+from ..storage import download_prefix
+
+
+class ModelCache:
+    def __init__(self, ctx: ServiceContext, capacity: int = 4):
+        self.ctx, self.capacity = ctx, capacity
+        self._models: OrderedDict[str, TrainedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, row: ModelRow) -> TrainedModel:
+        with self._lock:
+            if row.id in self._models:
+                self._models.move_to_end(row.id)
+                return self._models[row.id]
+            loading = self._loading.setdefault(row.id, threading.Lock())
+        with loading:  # one download per model even under concurrent requests
+            with self._lock:
+                if row.id in self._models:
+                    return self._models[row.id]
+            directory = self.ctx.settings.cache_dir / "models" / row.id
+            if not (directory / "model.json").exists():
+                tmp = directory.with_name(f".{row.id}.partial")
+                shutil.rmtree(tmp, ignore_errors=True)
+                download_prefix(self.ctx.store, row.key_prefix, tmp)
+                shutil.rmtree(directory, ignore_errors=True)
+                Path(tmp).rename(directory)
+            model = TrainedModel.load(directory)
+            with self._lock:
+                self._models[row.id] = model
+                while len(self._models) > self.capacity:
+                    self._models.popitem(last=False)
+            return model

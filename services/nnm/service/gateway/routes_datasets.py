@@ -1,0 +1,202 @@
+"""/v1/datasets: upload a .zip of images or name a built-in dataset."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from api_schemas import BuiltinDatasetCreate, DatasetList, DatasetOut
+from nnm.engine.data import BUILTIN_INFO, LoadLimits, load_image_folder
+from nnm.engine.errors import DatasetError
+
+from ..db import new_id
+from ..storage import StorageError
+from .convert import dataset_out
+from .deps import Gateway, gateway, owner
+from .problems import ApiProblem
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".zip of images (ImageFolder or flat)",
+                        },
+                        "name": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {"schema": BuiltinDatasetCreate.model_json_schema()},
+        },
+    }
+}
+
+
+def _builtin(body: bytes, user: str, gw: Gateway) -> DatasetOut:
+    try:
+        req = BuiltinDatasetCreate.model_validate_json(body)
+    except ValidationError as err:
+        e = err.errors()[0]
+        if e["type"] == "json_invalid":
+            raise ApiProblem(
+                400, "the request body is not valid JSON", type_="urn:nnm:problem:malformed-json"
+            ) from None
+        loc = ".".join(str(p) for p in e["loc"]) or "body"
+        raise ApiProblem(
+            422,
+            f"{loc}: {e['msg']}",
+            type_="urn:nnm:problem:validation",
+            errors=[{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]}],
+        ) from None
+    info = BUILTIN_INFO[req.builtin]
+    split = req.split or "train"
+    if split not in info.counts:
+        raise ApiProblem(
+            422,
+            f"split: dataset '{req.builtin}' has no split '{split}'; choose one of {', '.join(info.counts)}",
+            type_="urn:nnm:problem:validation",
+        )
+    labelled = split not in info.unlabelled_splits
+    row = gw.ctx.jobs.add_dataset(
+        owner=user,
+        name=req.name or f"{req.builtin}:{split}",
+        kind="builtin",
+        builtin=req.builtin,
+        split=None if split == "train" else split,
+        key=None,
+        image_count=info.counts[split],
+        image_size=info.image_size,
+        channels=info.channels,
+        classes=list(info.classes) if labelled else None,
+        size_bytes=None,
+    )
+    return dataset_out(row)
+
+
+async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
+    s = gw.ctx.settings
+    form = await request.form(max_files=2, max_fields=10)
+    file = form.get("file")
+    if not isinstance(file, UploadFile):
+        raise ApiProblem(
+            422,
+            "file: a multipart field 'file' holding a .zip of images is required",
+            type_="urn:nnm:problem:validation",
+        )
+    name = form.get("name") if isinstance(form.get("name"), str) else None
+    limits = LoadLimits(
+        max_files=s.max_images, max_total_bytes=s.max_uncompressed_bytes, max_image_pixels=s.max_image_pixels
+    )
+    with tempfile.TemporaryDirectory(dir=_tmp_root(gw)) as tmp:
+        path = Path(tmp) / "upload.zip"
+        size = 0
+        with open(path, "wb") as f:
+            while chunk := await file.read(1 << 20):
+                size += len(chunk)
+                f.write(chunk)
+        if size == 0:
+            raise ApiProblem(422, "file: the uploaded file is empty", type_="urn:nnm:problem:invalid-dataset")
+        try:
+            data = await run_in_threadpool(load_image_folder, path, None, limits)
+        except DatasetError as exc:
+            raise ApiProblem(
+                422, str(exc).replace("upload.zip", file.filename or "upload"), type_="urn:nnm:problem:invalid-dataset"
+            ) from None
+        dataset_id = new_id("ds")
+        key = f"datasets/{dataset_id}/data.zip"
+        try:
+            await run_in_threadpool(gw.ctx.store.put_file, key, path)
+        except StorageError as exc:
+            raise ApiProblem(
+                503,
+                f"the artifact store is unavailable ({exc})",
+                type_="urn:nnm:problem:storage-unavailable",
+                headers={"Retry-After": "10"},
+            ) from None
+    try:
+        row = gw.ctx.jobs.add_dataset(
+            id=dataset_id,
+            owner=user,
+            name=name or (file.filename or "upload"),
+            kind="upload",
+            builtin=None,
+            split=None,
+            key=key,
+            image_count=len(data),
+            image_size=data.image_size,
+            channels=data.channels,
+            classes=data.class_names,
+            size_bytes=size,
+        )
+    except Exception:
+        gw.ctx.store.delete_prefix(f"datasets/{dataset_id}/")  # nothing half-written stays behind
+        raise
+    return dataset_out(row)
+
+
+def _tmp_root(gw: Gateway) -> str:
+    root = gw.ctx.settings.data_dir / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    openapi_extra=UPLOAD_DOC,
+    summary="Upload a .zip of images, or register a built-in dataset",
+)
+async def create_dataset(
+    request: Request, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
+) -> DatasetOut:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        return _builtin(await request.body(), user, gw)
+    if ctype == "multipart/form-data":
+        return await _upload(request, user, gw)
+    raise ApiProblem(
+        415,
+        f"content type '{ctype or 'none'}' is not accepted; send multipart/form-data with a "
+        "'file' field or application/json naming a built-in dataset",
+        type_="urn:nnm:problem:unsupported-media-type",
+    )
+
+
+@router.get("", response_model=DatasetList, summary="List datasets (newest first)")
+def list_datasets(
+    gw: Annotated[Gateway, Depends(gateway)],
+    user: Annotated[str, Depends(owner)],
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> DatasetList:
+    try:
+        rows, nxt = gw.ctx.jobs.list_datasets(user, cursor, limit)
+    except ValueError as exc:
+        raise ApiProblem(422, f"cursor: {exc}", type_="urn:nnm:problem:validation") from None
+    return DatasetList(items=[dataset_out(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
+def get_dataset(
+    dataset_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
+) -> DatasetOut:
+    row = gw.ctx.jobs.get_dataset(dataset_id, user)
+    if row is None:
+        raise ApiProblem(404, f"no dataset '{dataset_id}'")
+    return dataset_out(row)

@@ -1,0 +1,56 @@
+"""Postgres is the truth: re-publish jobs the broker does not know about.
+
+- queued jobs never published (the broker was down when they were created);
+- running or cancelling jobs whose heartbeat stopped (their worker died): a new message lets another
+  worker take them over from their last checkpoint, or fail them past the attempt limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from .context import ServiceContext
+from .db import utcnow
+from .queue import JobQueue
+
+log = logging.getLogger("nnm.reconciler")
+
+
+def reconcile_once(ctx: ServiceContext, queue: JobQueue, republish_after_s: float | None = None) -> list[str]:
+    """One pass; returns the ids of the jobs it published again."""
+    timeout = ctx.settings.heartbeat_timeout_s
+    published = []
+    for job in ctx.jobs.stale_jobs(timeout):
+        if job.status == "queued" and job.enqueued_at is not None:
+            age = (utcnow() - job.enqueued_at).total_seconds()
+            if republish_after_s is None or age < republish_after_s:
+                continue
+        try:
+            queue.enqueue(job.id, job.queue)
+            ctx.jobs.mark_enqueued(job.id)
+            ctx.jobs.event(job.id, "republished", {"status": job.status})
+            published.append(job.id)
+        except Exception as exc:
+            log.warning("reconciler: cannot publish job %s yet (%s)", job.id, exc)
+            break
+    return published
+
+
+class Reconciler(threading.Thread):
+    """Runs `reconcile_once` every `interval_s` until stopped."""
+
+    def __init__(self, ctx: ServiceContext, queue: JobQueue, interval_s: float = 15.0):
+        super().__init__(name="nnm-reconciler", daemon=True)
+        self.ctx, self.queue, self.interval_s = ctx, queue, interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                reconcile_once(self.ctx, self.queue)
+            except Exception:
+                log.exception("reconciler pass failed")
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,416 @@
+"""Job store operations. Postgres (or SQLite) is the source of truth for jobs.
+
+Every state transition is a conditional UPDATE (compare-and-set on status and attempt), so two
+workers can never both own a job and a late write from a lost worker cannot overwrite a newer one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_schemas import TERMINAL_STATUSES, JobStatus
+
+from .db import ArtifactRow, DatasetRow, EventRow, JobRow, ModelRow, make_engine, make_sessionmaker, new_id, utcnow
+
+ACTIVE = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)
+TERMINAL = tuple(s.value for s in TERMINAL_STATUSES)
+
+
+class IdempotencyConflict(Exception):
+    """Same Idempotency-Key with another request body."""
+
+
+class IdempotencyInFlight(Exception):
+    """Same Idempotency-Key and body while the first job is still queued or running."""
+
+    def __init__(self, job: JobRow):
+        self.job = job
+
+
+@dataclass
+class Claim:
+    """Result of trying to start a job: `attempt` is set when this worker now owns it."""
+
+    attempt: int | None
+    reason: str
+    job: JobRow | None = None
+
+
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), row_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, row_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(at), str(row_id)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ValueError("cursor is not one this API returned") from None
+
+
+class JobStore:
+    """All reads and writes of datasets, jobs, artifacts, models and job events."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions: sessionmaker = make_sessionmaker(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as s, s.begin():
+            yield s
+
+    def ping(self) -> None:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ datasets
+
+    def add_dataset(self, **fields: Any) -> DatasetRow:
+        row = DatasetRow(id=fields.pop("id", None) or new_id("ds"), **fields)
+        with self.session() as s:
+            s.add(row)
+        return row
+
+    def get_dataset(self, dataset_id: str, owner: str | None = None) -> DatasetRow | None:
+        with self.session() as s:
+            row = s.get(DatasetRow, dataset_id)
+            return row if row is not None and (owner is None or row.owner == owner) else None
+
+    def list_datasets(self, owner: str, cursor: str | None, limit: int) -> tuple[list[DatasetRow], str | None]:
+        return self._page(DatasetRow, [DatasetRow.owner == owner], cursor, limit)
+
+    def _page(self, model: Any, filters: list, cursor: str | None, limit: int) -> tuple[list, str | None]:
+        query = select(model).where(*filters)
+        if cursor:
+            at, row_id = decode_cursor(cursor)
+            query = query.where(or_(model.created_at < at, and_(model.created_at == at, model.id < row_id)))
+        query = query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+        with self.session() as s:
+            rows = list(s.scalars(query))
+        nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        return rows[:limit], nxt
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(
+        self,
+        *,
+        owner: str,
+        type: str,
+        dataset_id: str,
+        inputs: dict,
+        params: dict,
+        queue: str,
+        max_attempts: int,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> tuple[JobRow, bool]:
+        """Insert a queued job; returns (job, created). An Idempotency-Key replays the first job."""
+        if idempotency_key:
+            existing = self._by_idempotency_key(owner, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, request_hash), False
+        now = utcnow()
+        row = JobRow(
+            id=new_id("job"),
+            owner=owner,
+            type=type,
+            status=JobStatus.queued.value,
+            dataset_id=dataset_id,
+            inputs=inputs,
+            params=params,
+            queue=queue,
+            attempt=0,
+            max_attempts=max_attempts,
+            stages=[],
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self.session() as s:
+                s.add(row)
+                s.flush()  # the event row references the job
+                s.add(EventRow(job_id=row.id, kind="created", detail=None))
+        except IntegrityError:
+            existing = self._by_idempotency_key(owner, idempotency_key or "")
+            if existing is None:
+                raise
+            return self._replay(existing, request_hash), False
+        return row, True
+
+    def _by_idempotency_key(self, owner: str, key: str) -> JobRow | None:
+        with self.session() as s:
+            return s.scalar(select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key))
+
+    @staticmethod
+    def _replay(existing: JobRow, request_hash: str | None) -> JobRow:
+        if existing.request_hash != request_hash:
+            raise IdempotencyConflict()
+        if existing.status in ACTIVE and existing.attempt == 0 and existing.enqueued_at is None:
+            raise IdempotencyInFlight(existing)
+        return existing
+
+    def get_job(self, job_id: str, owner: str | None = None) -> JobRow | None:
+        with self.session() as s:
+            row = s.get(JobRow, job_id)
+            return row if row is not None and (owner is None or row.owner == owner) else None
+
+    def list_jobs(
+        self,
+        owner: str,
+        cursor: str | None,
+        limit: int,
+        status: str | None = None,
+        type: str | None = None,
+        dataset_id: str | None = None,
+    ) -> tuple[list[JobRow], str | None]:
+        filters = [JobRow.owner == owner]
+        if status:
+            filters.append(JobRow.status == status)
+        if type:
+            filters.append(JobRow.type == type)
+        if dataset_id:
+            filters.append(JobRow.dataset_id == dataset_id)
+        return self._page(JobRow, filters, cursor, limit)
+
+    def mark_enqueued(self, job_id: str) -> None:
+        self._update(job_id, None, enqueued_at=utcnow())
+
+    def _update(self, job_id: str, where: Sequence | None, **values: Any) -> bool:
+        values.setdefault("updated_at", utcnow())
+        with self.session() as s:
+            res = s.execute(update(JobRow).where(JobRow.id == job_id, *(where or ())).values(**values))
+            return res.rowcount == 1
+
+    def event(self, job_id: str, kind: str, detail: Any = None) -> None:
+        with self.session() as s:
+            s.add(EventRow(job_id=job_id, kind=kind, detail=None if detail is None else json.dumps(detail)))
+
+    def events(self, job_id: str) -> list[EventRow]:
+        with self.session() as s:
+            return list(s.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id)))
+
+    def claim(self, job_id: str, worker: str, heartbeat_timeout_s: float) -> Claim:
+        """Start (or take over) a job: queued, or running with a stale heartbeat (its worker died).
+
+        The attempt counter goes up by one; past `max_attempts` the job fails instead.
+        """
+        now = utcnow()
+        stale = now - timedelta(seconds=heartbeat_timeout_s)
+        takeover = and_(
+            JobRow.status == JobStatus.running.value, or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale)
+        )
+        with self.session() as s:
+            res = s.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    or_(JobRow.status == JobStatus.queued.value, takeover),
+                    JobRow.attempt < JobRow.max_attempts,
+                )
+                .values(
+                    status=JobStatus.running.value,
+                    attempt=JobRow.attempt + 1,
+                    worker=worker,
+                    heartbeat_at=now,
+                    updated_at=now,
+                    started_at=now,
+                    error=None,
+                )
+            )
+            claimed = res.rowcount == 1
+        job = self.get_job(job_id)
+        if job is None:
+            return Claim(None, "no such job")
+        if claimed:
+            self.event(job_id, "started", {"attempt": job.attempt, "worker": worker})
+            return Claim(job.attempt, "claimed", job)
+        if job.status in TERMINAL:
+            return Claim(None, f"job is already {job.status}", job)
+        hb_stale = job.heartbeat_at is None or job.heartbeat_at < stale
+        if job.status == JobStatus.running.value and hb_stale and job.attempt >= job.max_attempts:
+            error = {
+                "type": "urn:nnm:problem:worker-lost",
+                "title": "Worker lost",
+                "status": 500,
+                "detail": f"the job's worker stopped {job.attempt} times (limit {job.max_attempts}); "
+                "it may be using more memory or time than the worker has",
+            }
+            self.finish(job_id, job.attempt, JobStatus.failed.value, error=error)
+            return Claim(None, "too many attempts", self.get_job(job_id))
+        if job.status == JobStatus.cancelling.value and hb_stale:
+            self.finish(job_id, job.attempt, JobStatus.cancelled.value)
+            return Claim(None, "cancelled", self.get_job(job_id))
+        return Claim(None, f"job is {job.status} on another worker", job)
+
+    def heartbeat(self, job_id: str, attempt: int) -> str | None:
+        """Refresh the heartbeat; returns the job's status (None when this attempt no longer owns it)."""
+        now = utcnow()
+        if not self._update(
+            job_id, [JobRow.attempt == attempt, JobRow.status.in_(ACTIVE)], heartbeat_at=now, updated_at=now
+        ):
+            return None
+        job = self.get_job(job_id)
+        return job.status if job else None
+
+    def update_progress(self, job_id: str, attempt: int, progress: dict[str, Any], stage: str | None) -> str | None:
+        """Record progress (and heartbeat); returns the current status, e.g. `cancelling`."""
+        now = utcnow()
+        progress = {**progress, "updated_at": now.isoformat()}
+        ok = self._update(
+            job_id,
+            [JobRow.attempt == attempt, JobRow.status.in_(ACTIVE)],
+            progress=progress,
+            stage=stage,
+            heartbeat_at=now,
+            updated_at=now,
+        )
+        if not ok:
+            return None
+        job = self.get_job(job_id)
+        return job.status if job else None
+
+    def set_stages(self, job_id: str, attempt: int, stages: list[dict[str, Any]]) -> None:
+        self._update(job_id, [JobRow.attempt == attempt], stages=stages)
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: str,
+        *,
+        metrics: dict | None = None,
+        error: dict | None = None,
+        model_id: str | None = None,
+    ) -> bool:
+        """Move this attempt's job to a terminal status (only from running or cancelling)."""
+        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "heartbeat_at": None}
+        if metrics is not None:
+            values["metrics"] = metrics
+        if error is not None:
+            values["error"] = error
+        if model_id is not None:
+            values["model_id"] = model_id
+        ok = self._update(
+            job_id,
+            [JobRow.attempt == attempt, JobRow.status.in_((JobStatus.running.value, JobStatus.cancelling.value))],
+            **values,
+        )
+        if ok:
+            self.event(job_id, status, {"attempt": attempt, **({"error": error["detail"]} if error else {})})
+        return ok
+
+    def release(self, job_id: str, attempt: int, reason: str) -> bool:
+        """Hand a running job back to the queue (graceful worker shutdown): it resumes elsewhere."""
+        ok = self._update(
+            job_id,
+            [JobRow.attempt == attempt, JobRow.status == JobStatus.running.value],
+            status=JobStatus.queued.value,
+            heartbeat_at=None,
+            worker=None,
+        )
+        if ok:
+            self.event(job_id, "released", {"attempt": attempt, "reason": reason})
+        return ok
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """queued -> cancelled at once; running -> cancelling. Returns the new status."""
+        now = utcnow()
+        if self._update(
+            job_id, [JobRow.status == JobStatus.queued.value], status=JobStatus.cancelled.value, finished_at=now
+        ):
+            self.event(job_id, "cancelled", {"while": "queued"})
+            return JobStatus.cancelled.value
+        if self._update(job_id, [JobRow.status == JobStatus.running.value], status=JobStatus.cancelling.value):
+            self.event(job_id, "cancelling", None)
+            return JobStatus.cancelling.value
+        job = self.get_job(job_id)
+        return job.status if job else None
+
+    def stale_jobs(self, older_than_s: float) -> list[JobRow]:
+        """Queued jobs enqueued long ago and running jobs with stale heartbeats (for the reconciler)."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(JobRow).where(
+                        or_(
+                            and_(
+                                JobRow.status == JobStatus.queued.value,
+                                or_(JobRow.enqueued_at.is_(None), JobRow.enqueued_at < cutoff),
+                            ),
+                            and_(
+                                JobRow.status.in_((JobStatus.running.value, JobStatus.cancelling.value)),
+                                or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff),
+                            ),
+                        )
+                    )
+                )
+            )
+
+    def count_active(self, owner: str | None = None) -> dict[str, int]:
+        from sqlalchemy import func
+
+        query = select(JobRow.status, func.count()).where(JobRow.status.in_(ACTIVE)).group_by(JobRow.status)
+        if owner:
+            query = query.where(JobRow.owner == owner)
+        with self.session() as s:
+            return {status: n for status, n in s.execute(query)}
+
+    # ------------------------------------------------------------------ artifacts and models
+
+    def add_artifacts(self, job_id: str, items: Sequence[tuple[str, str, int]]) -> None:
+        """Record (name, key, size) artifacts of a job; re-recording a name updates it."""
+        with self.session() as s:
+            existing = {a.name: a for a in s.scalars(select(ArtifactRow).where(ArtifactRow.job_id == job_id))}
+            for name, key, size in items:
+                if name in existing:
+                    existing[name].key, existing[name].size = key, size
+                else:
+                    s.add(ArtifactRow(job_id=job_id, name=name, key=key, size=size))
+
+    def artifacts(self, job_id: str) -> list[ArtifactRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ArtifactRow).where(ArtifactRow.job_id == job_id).order_by(ArtifactRow.name)))
+
+    def artifact(self, job_id: str, name: str) -> ArtifactRow | None:
+        with self.session() as s:
+            return s.scalar(select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.name == name))
+
+    def add_model(self, **fields: Any) -> ModelRow:
+        with self.session() as s:
+            existing = s.scalar(select(ModelRow).where(ModelRow.job_id == fields["job_id"]))
+            if existing is not None:
+                for k, v in fields.items():
+                    setattr(existing, k, v)
+                return existing
+            row = ModelRow(id=new_id("mdl"), **fields)
+            s.add(row)
+            return row
+
+    def get_model(self, model_id: str, owner: str | None = None) -> ModelRow | None:
+        with self.session() as s:
+            row = s.get(ModelRow, model_id)
+            return row if row is not None and (owner is None or row.owner == owner) else None
+
+    def list_models(self, owner: str, cursor: str | None, limit: int) -> tuple[list[ModelRow], str | None]:
+        return self._page(ModelRow, [ModelRow.owner == owner], cursor, limit)

@@ -1,0 +1,121 @@
+"""Runs one job on a worker: claim it, start its child process, watch it, record the outcome.
+
+The same function serves the Celery task and the embedded in-process queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from api_schemas import JobStatus
+
+from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK
+from .context import ServiceContext
+
+log = logging.getLogger("nnm.worker")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's process group, then SIGKILL after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class ShutdownRequested(Exception):
+    """The worker is stopping; the job was handed back to the queue."""
+
+
+def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | None = None) -> str | None:
+    """Run `job_id` to a terminal state (or hand it back when `stop` is set). Returns the final status."""
+    settings = ctx.settings
+    claim = ctx.jobs.claim(job_id, worker_name(), settings.heartbeat_timeout_s)
+    if claim.attempt is None:
+        log.info("job %s not started: %s", job_id, claim.reason)
+        return claim.job.status if claim.job else None
+    attempt = claim.attempt
+    workdir = settings.work_dir / job_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "result.json").unlink(missing_ok=True)
+    log.info("job %s attempt %d starting", job_id, attempt)
+    env = dict(os.environ)
+    env["NNM_DATA_DIR"] = str(settings.data_dir.resolve())
+    # Built-in datasets download once per worker into its cache, not next to the job store.
+    env["NNM_DATASETS_DIR"] = str((settings.datasets_dir or settings.cache_dir / "datasets").resolve())
+    cmd = [sys.executable, "-m", "nnm.service.child", job_id, str(attempt), str(workdir)]
+    with open(workdir / "child.log", "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    cancel_seen: float | None = None
+    last_beat = 0.0
+    while proc.poll() is None:
+        time.sleep(0.5)
+        if stop is not None and stop.is_set():
+            _kill_group(proc, settings.cancel_grace_s)
+            ctx.jobs.release(job_id, attempt, "worker shutting down")
+            raise ShutdownRequested(job_id)
+        if time.monotonic() - last_beat < 5.0:
+            continue
+        last_beat = time.monotonic()
+        status = ctx.jobs.heartbeat(job_id, attempt)
+        if status is None:  # another worker owns the job now
+            _kill_group(proc, 0)
+            return None
+        if status == JobStatus.cancelling.value:
+            cancel_seen = cancel_seen or time.monotonic()
+            if time.monotonic() - cancel_seen > settings.cancel_grace_s:
+                _kill_group(proc, settings.cancel_grace_s)
+    return _finish(ctx, job_id, attempt, proc.returncode, workdir)
+
+
+def _finish(ctx: ServiceContext, job_id: str, attempt: int, code: int, workdir: Path) -> str | None:
+    result = {}
+    if (workdir / "result.json").exists():
+        result = json.loads((workdir / "result.json").read_text())
+    job = ctx.jobs.get_job(job_id)
+    if code == EXIT_LOST or job is None or job.attempt != attempt:
+        return None
+    if code == EXIT_OK and result.get("status") == "succeeded":
+        ctx.jobs.finish(
+            job_id, attempt, JobStatus.succeeded.value, metrics=result.get("metrics"), model_id=result.get("model_id")
+        )
+    elif code == EXIT_CANCELLED or job.status == JobStatus.cancelling.value:
+        ctx.jobs.finish(job_id, attempt, JobStatus.cancelled.value)
+    elif result.get("status") == "failed" and not result.get("retry"):
+        ctx.jobs.finish(job_id, attempt, JobStatus.failed.value, error=result["error"])
+    elif attempt < job.max_attempts:
+        # A crash (killed child, lost storage): back to the queue to resume from the last checkpoint.
+        ctx.jobs.release(job_id, attempt, f"child exited with status {code}")
+        return JobStatus.queued.value
+    else:
+        error = result.get("error") or {
+            "type": "urn:nnm:problem:worker-lost",
+            "title": "Job crashed",
+            "status": 500,
+            "detail": f"the job's process stopped unexpectedly {attempt} times (exit status {code})",
+        }
+        ctx.jobs.finish(job_id, attempt, JobStatus.failed.value, error=error)
+    final = ctx.jobs.get_job(job_id)
+    if final is not None and final.status in {"succeeded", "failed", "cancelled"}:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return final.status if final else None

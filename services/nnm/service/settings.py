@@ -1,0 +1,100 @@
+"""Service settings, read from NNM_* environment variables (documented in .env.example).
+
+With no variables set the service runs embedded: SQLite and a local artifact directory under
+`NNM_DATA_DIR`, and jobs executed by worker threads of the gateway's own host process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Root for the embedded database, artifacts, caches and job work directories.
+    data_dir: Path = Path("nnm-data")
+    #: Apply database migrations when the gateway starts (compose runs a one-shot migrate service instead).
+    auto_migrate: bool = True
+    #: Where jobs download built-in datasets such as CIFAR-10 (None: data_dir/cache/datasets).
+    datasets_dir: Path | None = None
+    #: SQLAlchemy URL of the job store (default: SQLite in data_dir).
+    database_url: str | None = None
+    #: Celery broker (e.g. redis://redis:6379/0); unset runs jobs in-process (embedded mode).
+    broker_url: str | None = None
+    #: S3 endpoint host:port (unset: artifacts in data_dir/artifacts).
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket: str = "nnm"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    #: Endpoint users reach, used to sign presigned URLs (default: s3_endpoint).
+    s3_public_endpoint: str | None = None
+    s3_public_secure: bool | None = None
+    presign_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+    #: Files smaller than this are streamed by the API; larger ones are redirected to S3.
+    stream_limit_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    max_upload_bytes: int = Field(1024**3, ge=1)
+    max_images: int = Field(200_000, ge=1)
+    max_image_pixels: int = Field(16_000_000, ge=1)
+    max_uncompressed_bytes: int = Field(8 * 1024**3, ge=1)
+    max_assign_files: int = Field(512, ge=1)
+    #: Attempts before a job whose worker keeps dying is failed.
+    job_max_attempts: int = Field(3, ge=1)
+    #: A running job whose heartbeat is older than this may be taken over by another worker.
+    heartbeat_timeout_s: float = Field(60.0, gt=0)
+    #: Seconds between uploads of a running stage's checkpoint (resume after a lost worker).
+    checkpoint_upload_interval_s: float = Field(30.0, ge=0)
+    #: Celery hard time limit of one job; the broker visibility timeout is set above it.
+    job_time_limit_s: int = Field(7 * 24 * 3600, ge=60)
+    #: Seconds a cancelled job's child gets between SIGTERM and SIGKILL.
+    cancel_grace_s: float = Field(10.0, ge=0)
+    #: Device for training jobs: auto, cpu or cuda.
+    device: str = "auto"
+    #: Embedded mode: concurrent jobs per queue.
+    embedded_gpu_slots: int = Field(1, ge=1)
+    embedded_cpu_slots: int = Field(1, ge=1)
+    log_level: str = "INFO"
+
+    @property
+    def embedded_queue(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'nnm.db').resolve()}"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+
+ENV_PREFIX = "NNM_"
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from NNM_* variables of `env` (default: os.environ), then `overrides`."""
+    env = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    fields = Settings.model_fields
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in fields and raw != "":
+            values[name] = raw
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as err:
+        problems = "; ".join(f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"invalid settings: {problems}") from None

@@ -1,0 +1,65 @@
+"""Embedded mode: `nnm serve` with no settings (SQLite, local artifact directory, in-process workers)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from nnm.service.client import Client
+from PIL import Image
+
+from .conftest import FAST_PIPELINE, digit_png
+from .servers import free_port, stop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNM_")}
+    with open(data_dir / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nnm.cli.main", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    client = Client(f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        client.wait_ready(90)
+        yield client, data_dir
+    finally:
+        client.close()
+        stop(proc, timeout=60)
+
+
+def test_embedded_pipeline_assign_and_artifacts(embedded):
+    client, data_dir = embedded
+    assert client.http.get("/readyz").json()["status"] == "ready"
+    ds = client.builtin_dataset("digits")
+    assert ds["image_count"] == 1797 and ds["labelled"]
+    job = client.submit("pipeline", ds["id"], FAST_PIPELINE)
+    fractions = set()
+    final = client.wait(
+        job["id"], timeout=900, poll_s=0.5, on_update=lambda j: fractions.add((j.get("progress") or {}).get("fraction"))
+    )
+    assert final["status"] == "succeeded", final["error"]
+    assert len(fractions - {None}) >= 3
+    assert 0.0 < final["metrics"]["acc"] <= 1.0
+    with Image.open(io.BytesIO(client.artifact(final["id"], "prototypes.png"))) as im:
+        im.load()
+    assert (data_dir / "nnm.db").exists()
+    assert (data_dir / "artifacts" / "jobs" / final["id"] / "confusion_matrix.png").exists()
+    results = client.assign(final["model_id"], [("seven.png", digit_png(7)), ("zero.png", digit_png(0))])
+    assert [r["filename"] for r in results] == ["seven.png", "zero.png"]
+    assert all(0 <= r["cluster"] < 10 and 0 < r["confidence"] <= 1 for r in results)
+    # Work directories of finished jobs are removed.
+    time.sleep(0.5)
+    assert not (data_dir / "work" / final["id"]).exists()

@@ -1,0 +1,159 @@
+"""Job store transitions on both backends (SQLite and the local Postgres)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from nnm.service.db import JobRow, utcnow
+from nnm.service.migrations import upgrade
+from nnm.service.repository import IdempotencyConflict, JobStore
+from sqlalchemy import update
+
+from .servers import postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+        s = JobStore(url)
+        yield s
+        s.dispose()
+    else:
+        with postgres_database() as url:
+            upgrade(url)
+            s = JobStore(url)
+            yield s
+            s.dispose()
+
+
+def new_job(store: JobStore, **kw):
+    ds = store.add_dataset(
+        owner="alice",
+        name="d",
+        kind="builtin",
+        builtin="digits",
+        split=None,
+        key=None,
+        image_count=10,
+        image_size=8,
+        channels=1,
+        classes=None,
+        size_bytes=None,
+    )
+    job, created = store.create_job(
+        owner="alice",
+        type="pipeline",
+        dataset_id=ds.id,
+        inputs={},
+        params={},
+        queue="gpu",
+        max_attempts=kw.pop("max_attempts", 2),
+        **kw,
+    )
+    assert created
+    return job
+
+
+def make_stale(store: JobStore, job_id: str) -> None:
+    with store.session() as s:
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=utcnow() - timedelta(hours=1)))
+
+
+def test_only_one_worker_claims_a_job(store):
+    job = new_job(store)
+    results = []
+    barrier = threading.Barrier(4)
+
+    def claim(i):
+        barrier.wait()
+        results.append(store.claim(job.id, f"w{i}", 60).attempt)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r for r in results if r is not None) == [1]
+    assert store.get_job(job.id).status == "running"
+
+
+def test_takeover_after_a_lost_worker_then_failure_past_the_limit(store):
+    job = new_job(store, max_attempts=2)
+    assert store.claim(job.id, "w1", 60).attempt == 1
+    assert store.claim(job.id, "w2", 60).attempt is None  # heartbeat fresh: still owned by w1
+    make_stale(store, job.id)
+    assert store.claim(job.id, "w2", 60).attempt == 2
+    assert not store.finish(job.id, 1, "succeeded")  # the lost attempt cannot write any more
+    make_stale(store, job.id)
+    claim = store.claim(job.id, "w3", 60)
+    assert claim.attempt is None and claim.reason == "too many attempts"
+    failed = store.get_job(job.id)
+    assert failed.status == "failed" and "stopped 2 times" in failed.error["detail"]
+
+
+def test_cancel_transitions(store):
+    queued = new_job(store)
+    assert store.request_cancel(queued.id) == "cancelled"
+    running = new_job(store)
+    store.claim(running.id, "w", 60)
+    assert store.request_cancel(running.id) == "cancelling"
+    assert store.update_progress(running.id, 1, {"epoch": 1}, "pretext") == "cancelling"
+    assert store.finish(running.id, 1, "cancelled")
+    assert store.request_cancel(running.id) == "cancelled"  # already ended: unchanged
+
+
+def test_release_puts_a_job_back(store):
+    job = new_job(store)
+    store.claim(job.id, "w", 60)
+    assert store.release(job.id, 1, "shutdown")
+    assert store.get_job(job.id).status == "queued"
+    assert store.claim(job.id, "w2", 60).attempt == 2
+
+
+def test_idempotency(store):
+    ds = store.add_dataset(
+        owner="bob",
+        name="d",
+        kind="builtin",
+        builtin="digits",
+        split=None,
+        key=None,
+        image_count=10,
+        image_size=8,
+        channels=1,
+        classes=None,
+        size_bytes=None,
+    )
+    args = dict(
+        owner="bob",
+        type="pretext",
+        dataset_id=ds.id,
+        inputs={},
+        params={},
+        queue="gpu",
+        max_attempts=3,
+        idempotency_key="k",
+    )
+    first, created = store.create_job(**args, request_hash="h1")
+    store.mark_enqueued(first.id)
+    again, created2 = store.create_job(**args, request_hash="h1")
+    assert created and not created2 and again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        store.create_job(**args, request_hash="h2")
+    other_owner, created3 = store.create_job(**{**args, "owner": "carol"}, request_hash="h2")
+    assert created3 and other_owner.id != first.id
+
+
+def test_keyset_pagination(store):
+    ids = [new_job(store).id for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        rows, cursor = store.list_jobs("alice", cursor, 2)
+        seen += [r.id for r in rows]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
