@@ -182,7 +182,7 @@ class SimCLRAugment:
         cfg, dev = self.cfg, images.device
         x = to_unit_float(images)
         n = x.shape[0]
-        x = warp(x, crop_flip_rotate_theta(n, cfg, gen, dev))
+        x = warp(x, crop_flip_rotate_theta(n, cfg, gen, dev), cfg.crop_size)
         bs, cs, ss, hs = cfg.jitter
         apply = _bernoulli(n, cfg.jitter_p, gen, dev)
         factors = {

@@ -60,6 +60,9 @@ class SimCLRAugmentConfig(Strict):
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    #: Side of the views (None: the image size). Smaller views make each SimCLR step cheaper;
+    #: features are still extracted from full-size images, which suits CNNs trained on random crops.
+    crop_size: int | None = Field(None, ge=8, le=1024)
     flip: bool = True
     rotate_degrees: float = Field(0.0, ge=0, le=180)
     #: brightness, contrast, saturation, hue strengths of ColorJitter.
@@ -193,6 +196,9 @@ class SelfLabelConfig(Strict):
     class_balance: bool = True
     #: Exponential moving average of the weights used for pseudo-labels and the result (None: off).
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    #: Keep the clustering model when self-labelling raised its label-free SCAN loss (it amplified
+    #: early mistakes, e.g. emptied clusters). Needs the mined neighbours.
+    guard: bool = True
     augment: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
 
 

@@ -90,10 +90,16 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     summary = run_cluster(cluster_cfg, data, out / "pretext", out / "mine", out / "cluster", rt, sink)
     timings["cluster"] = _stage_timing(summary)
     final = out / "cluster"
+    selflabel_kept = None
     if cfg.selflabel.enabled:
-        summary = run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink)
+        neighbors = out / "mine" / "neighbors.npy" if cfg.selflabel.guard else None
+        summary = run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink, neighbors)
         timings["selflabel"] = _stage_timing(summary)
-        final = out / "selflabel"
+        selflabel_kept = summary.get("improved", True)
+        if selflabel_kept:
+            final = out / "selflabel"
+        else:
+            sink.message("selflabel: the label-free SCAN loss rose, so the clustering model is kept")
 
     model, meta = load_cluster_model(final)
     spec = InputSpec.model_validate(meta["input"])
@@ -114,6 +120,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
         trained.info.class_names = None
     trained.save(out / "model")
     metrics["neighbor_accuracy"] = mine_summary.get("neighbor_accuracy")
+    metrics["final_stage"] = final.name
+    metrics["selflabel_kept"] = selflabel_kept
     metrics["timings"] = timings | {"total_seconds": round(time.perf_counter() - started, 2)}
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -9,8 +9,11 @@ a redelivered message for a finished or running job is a no-op.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
 
 from .queue import QUEUES, TASK_NAME
 from .settings import load_settings
@@ -20,8 +23,10 @@ log = logging.getLogger("nnm.worker")
 
 def make_celery(broker_url: str | None = None) -> Celery:
     settings = load_settings()
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
     broker = broker_url or settings.broker_url
-    hard = settings.job_time_limit_s
+    # The runner enforces the job's own time limit; Celery's limits are a backstop just above it.
+    hard = settings.job_time_limit_s + 300
     transport = {
         "visibility_timeout": hard + 3600,
         # Sweep for abandoned messages every 2 s instead of about 100 s.
@@ -55,19 +60,55 @@ def make_celery(broker_url: str | None = None) -> Celery:
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def run_job(self, job_id: str) -> str | None:
         from .context import ServiceContext
-        from .runner import execute_job
+        from .runner import ShutdownRequested, execute_job
 
         ctx = ServiceContext.from_settings()
+        queue = (self.request.delivery_info or {}).get("routing_key") or "gpu"
+        queue = queue if queue in QUEUES else "gpu"
+        # The pool process runs the task; its parent (the worker's main process) raises this flag on
+        # SIGTERM, and the runner then hands the job back instead of letting it vanish.
+        stop = ShutdownFlag(shutdown_flag_path(settings.work_dir, os.getppid()))
         try:
-            status = execute_job(ctx, job_id)
-            if status == "queued":  # handed back after a crash of its child: queue it again
-                queue = self.request.delivery_info.get("routing_key") or "gpu"
-                app.send_task(TASK_NAME, args=[job_id], queue=queue if queue in QUEUES else "gpu")
-            return status
+            status = execute_job(ctx, job_id, stop)
+        except ShutdownRequested:
+            status = "queued"
         finally:
             ctx.close()
+        if status == "queued":  # handed back (worker stopping, or its child crashed): publish it again
+            app.send_task(TASK_NAME, args=[job_id], queue=queue)
+        return status
 
     return app
+
+
+def shutdown_flag_path(work_dir: Path, worker_pid: int) -> Path:
+    return work_dir / f".shutdown-{worker_pid}"
+
+
+class ShutdownFlag:
+    """Duck-typed like threading.Event: set when the worker's main process is shutting down."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+
+@worker_ready.connect
+def _clear_shutdown_flag(**_: object) -> None:
+    settings = load_settings()
+    shutdown_flag_path(settings.work_dir, os.getpid()).unlink(missing_ok=True)
+
+
+@worker_shutting_down.connect
+def _raise_shutdown_flag(sig: str | None = None, how: str | None = None, **_: object) -> None:
+    """SIGTERM (warm shutdown) or SIGQUIT: tell running jobs to hand themselves back."""
+    settings = load_settings()
+    path = shutdown_flag_path(settings.work_dir, os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    log.warning("worker shutting down (%s, %s): running jobs are handed back to the queue", sig, how)
 
 
 app = make_celery()

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from api_schemas import JobStatus
 from nnm.engine.config import PipelineConfig
 from nnm.engine.data import LoadLimits, load_dataset
@@ -26,6 +28,7 @@ from nnm.engine.stages import run_cluster, run_evaluate, run_mine, run_pretext, 
 from .context import ServiceContext
 from .db import JobRow, utcnow
 from .jobspec import INPUT_STAGE, STAGES, dataset_spec, resolve
+from .retry import is_transient, retry_db
 from .storage import download_prefix, upload_dir
 
 log = logging.getLogger("nnm.worker")
@@ -54,11 +57,17 @@ class ServiceSink(ProgressSink):
         self.stages = [previous.get(name, {"name": name, "status": "pending"}) for name in stages]
 
     def _write(self, progress: dict[str, Any]) -> None:
-        status = self.ctx.jobs.update_progress(self.job_id, self.attempt, progress, self.stage)
+        self.last_write = time.monotonic()
+        try:
+            status = self.ctx.jobs.update_progress(self.job_id, self.attempt, progress, self.stage)
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("progress not recorded: database unreachable; training goes on")
+            return
         if status is None:
             raise JobLost()
         self.status = status
-        self.last_write = time.monotonic()
 
     def _set_stage(self, name: str, status: str) -> None:
         now = utcnow().isoformat()
@@ -66,7 +75,7 @@ class ServiceSink(ProgressSink):
             if s["name"] == name and s["status"] != "succeeded":
                 s["status"] = status
                 s["started_at" if status == "running" else "finished_at"] = now
-        self.ctx.jobs.set_stages(self.job_id, self.attempt, self.stages)
+        retry_db(lambda: self.ctx.jobs.set_stages(self.job_id, self.attempt, self.stages), "record stages")
 
     def stage_started(self, stage: str, epochs: int, steps: int) -> None:
         self.stage = stage
@@ -96,12 +105,13 @@ class ServiceSink(ProgressSink):
         prefix = f"{job_prefix(self.job_id)}/{name_prefix}".rstrip("/")
         items = upload_dir(self.ctx.store, directory, prefix, skip=("checkpoint.pt",))
         base = f"{name_prefix}/" if name_prefix else ""
-        self.ctx.jobs.add_artifacts(self.job_id, [(f"{base}{rel}", f"{prefix}/{rel}", size) for rel, size in items])
+        rows = [(f"{base}{rel}", f"{prefix}/{rel}", size) for rel, size in items]
+        retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, rows), "record artifacts")
 
     def upload_files(self, paths: list[Path]) -> None:
         prefix = job_prefix(self.job_id)
         items = [(p.name, f"{prefix}/{p.name}", self.ctx.store.put_file(f"{prefix}/{p.name}", p)) for p in paths]
-        self.ctx.jobs.add_artifacts(self.job_id, items)
+        retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, items), "record artifacts")
 
     def should_stop(self) -> bool:
         if time.monotonic() - self.last_write >= 1.0:

@@ -16,11 +16,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from api_schemas import JobStatus
 
 from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK
 from .context import ServiceContext
+from .retry import is_transient, retry_db
+from .storage import StorageError
 
 log = logging.getLogger("nnm.worker")
 
@@ -47,10 +52,11 @@ class ShutdownRequested(Exception):
     """The worker is stopping; the job was handed back to the queue."""
 
 
-def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | None = None) -> str | None:
+def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | None = None) -> str | None:
     """Run `job_id` to a terminal state (or hand it back when `stop` is set). Returns the final status."""
     settings = ctx.settings
-    claim = ctx.jobs.claim(job_id, worker_name(), settings.heartbeat_timeout_s)
+    name = worker_name()
+    claim = retry_db(lambda: ctx.jobs.claim(job_id, name, settings.heartbeat_timeout_s), f"claim {job_id}")
     if claim.attempt is None:
         log.info("job %s not started: %s", job_id, claim.reason)
         return claim.job.status if claim.job else None
@@ -68,16 +74,29 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | None =
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     cancel_seen: float | None = None
     last_beat = 0.0
+    started = time.monotonic()
     while proc.poll() is None:
         time.sleep(0.5)
+        if time.monotonic() - started > settings.job_time_limit_s:
+            _kill_group(proc, settings.cancel_grace_s)
+            error = {"type": "urn:nnm:problem:time-limit", "title": "Time limit exceeded", "status": 500,
+                     "detail": f"the job ran longer than the limit of {settings.job_time_limit_s} s"}
+            retry_db(lambda e=error: ctx.jobs.finish(job_id, attempt, JobStatus.failed.value, error=e), "finish")
+            return JobStatus.failed.value
         if stop is not None and stop.is_set():
             _kill_group(proc, settings.cancel_grace_s)
-            ctx.jobs.release(job_id, attempt, "worker shutting down")
+            retry_db(lambda: ctx.jobs.release(job_id, attempt, "worker shutting down"), f"release {job_id}")
             raise ShutdownRequested(job_id)
         if time.monotonic() - last_beat < 5.0:
             continue
         last_beat = time.monotonic()
-        status = ctx.jobs.heartbeat(job_id, attempt)
+        try:
+            status = ctx.jobs.heartbeat(job_id, attempt)
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("job %s: heartbeat skipped, database unreachable", job_id)
+            continue
         if status is None:  # another worker owns the job now
             _kill_group(proc, 0)
             return None
@@ -85,7 +104,23 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | None =
             cancel_seen = cancel_seen or time.monotonic()
             if time.monotonic() - cancel_seen > settings.cancel_grace_s:
                 _kill_group(proc, settings.cancel_grace_s)
-    return _finish(ctx, job_id, attempt, proc.returncode, workdir)
+    code = proc.returncode
+    return retry_db(lambda: _finish(ctx, job_id, attempt, code, workdir), f"record the outcome of {job_id}",
+                    timeout_s=3600)
+
+
+#: The output that proves each job type finished (uploaded last by the child).
+PROOF = {"pretext": "pretext/done.json", "mine": "mine/done.json", "cluster": "metrics.json",
+         "selflabel": "metrics.json", "evaluate": "metrics.json", "pipeline": "metrics.json"}
+
+
+def _outputs_present(ctx: ServiceContext, job_id: str, job_type: str) -> bool:
+    """No job is marked succeeded whose artifacts are missing from the store."""
+    try:
+        return ctx.jobs.artifact(job_id, PROOF[job_type]) is not None and ctx.store.exists(
+            f"jobs/{job_id}/{PROOF[job_type]}")
+    except StorageError:
+        return False
 
 
 def _finish(ctx: ServiceContext, job_id: str, attempt: int, code: int, workdir: Path) -> str | None:
@@ -95,6 +130,11 @@ def _finish(ctx: ServiceContext, job_id: str, attempt: int, code: int, workdir: 
     job = ctx.jobs.get_job(job_id)
     if code == EXIT_LOST or job is None or job.attempt != attempt:
         return None
+    if code == EXIT_OK and result.get("status") == "succeeded" and not _outputs_present(ctx, job.id, job.type):
+        result = {"status": "failed", "retry": True, "error": {
+            "type": "urn:nnm:problem:storage-unavailable", "title": "Artifacts missing", "status": 503,
+            "detail": "the job's outputs are not all in the artifact store"}}
+        code = 1
     if code == EXIT_OK and result.get("status") == "succeeded":
         ctx.jobs.finish(
             job_id, attempt, JobStatus.succeeded.value, metrics=result.get("metrics"), model_id=result.get("model_id")

@@ -53,6 +53,14 @@ def head_losses(probs: list[torch.Tensor], neighbors: torch.Tensor, entropy_weig
     return out
 
 
+def scan_loss_of(model: ClusteringModel, data: ImageSet, neighbors: torch.Tensor, normalize: Normalize, rt: Runtime,
+                 entropy_weight: float, batch_size: int = 512) -> list[float]:
+    """Label-free SCAN loss of every head of `model` on `data` (evaluation transform)."""
+    model.eval()
+    _, logits = compute_outputs(model, data.images, normalize, rt, batch_size)
+    return head_losses([F.softmax(lg, dim=1) for lg in logits], neighbors, entropy_weight)
+
+
 def batch_nearest(features: torch.Tensor) -> torch.Tensor:
     """Each row's nearest other row in the batch by L2 distance."""
     f = features.detach().float()

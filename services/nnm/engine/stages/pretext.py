@@ -58,6 +58,7 @@ def run_pretext(
         save_pretext(None, backbone, info, out)
         summary: dict[str, Any] = {"epochs": 0, "imported": cfg.init, "history": []}
         stage.mark_done(summary)
+        sink.stage_finished(STAGE, summary)
         return summary
 
     model = rt.prepare(ContrastiveModel(backbone, cfg.feature_dim))

@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..augment import Normalize, StrongAugment
@@ -16,10 +17,12 @@ from ..losses import selflabel_loss
 from ..model_io import InputSpec
 from ..progress import ProgressSink
 from ..runtime import Runtime, set_lr, shuffled_batches, steps_per_epoch
-from .cluster import load_cluster_model
+from .cluster import load_cluster_model, scan_loss_of
 from .common import EpochMeter, file_digest
 
 STAGE = "selflabel"
+#: Entropy weight of the label-free SCAN loss that judges self-labelling (SCAN's value).
+ENTROPY_WEIGHT = 5.0
 
 
 @torch.no_grad()
@@ -38,11 +41,14 @@ def run_selflabel(
     out_dir: Path | str,
     runtime_cfg: RuntimeConfig | None = None,
     sink: ProgressSink | None = None,
+    neighbors: Path | str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the selected head and backbone on the weak view's confident predictions.
 
     Writes `model.pt` (one head) and `meta.json`. A batch without confident samples contributes a
-    zero loss; the per-epoch history records the confident fraction.
+    zero loss; the per-epoch history records the confident fraction. With `neighbors`
+    (neighbors.npy of the mine stage) the summary holds the label-free SCAN loss before and after,
+    and `improved` tells whether self-labelling lowered it.
     """
     sink = sink or ProgressSink()
     rt = Runtime(runtime_cfg or RuntimeConfig())
@@ -73,6 +79,11 @@ def run_selflabel(
     history: list[dict[str, Any]] = state.get("history", [])
     augment = StrongAugment(cfg.augment, spec.mean, spec.std)
     normalize = Normalize(spec.mean, spec.std)
+    pool = None
+    if neighbors is not None:
+        pool = torch.from_numpy(np.load(neighbors)[:, 1:]).long()
+        if "loss_before" not in state:
+            state["loss_before"] = scan_loss_of(model, data, pool, normalize, rt, ENTROPY_WEIGHT)[0]
     n = len(data)
     steps = steps_per_epoch(n, cfg.batch_size)
     sink.stage_started(STAGE, cfg.epochs, steps)
@@ -98,13 +109,17 @@ def run_selflabel(
             meter.after_step(step, len(idx), {"loss": loss.item(), "confident": confident / len(idx)})
         stats = meter.summary()
         history.append(stats)
-        stage.save(epoch + 1, components, {"history": history})
+        stage.save(epoch + 1, components, {"history": history, **{k: v for k, v in state.items() if k != "history"}})
         sink.epoch_finished(STAGE, epoch + 1, stats)
 
     final = ema if ema is not None else model
     atomic_torch_save({k: v.detach().cpu() for k, v in final.state_dict().items()}, out / "model.pt")
     atomic_write_json(out / "meta.json", meta | {"heads": 1, "head": 0, "selflabel": True})
-    summary = {"epochs": cfg.epochs, "history": history}
+    summary: dict[str, Any] = {"epochs": cfg.epochs, "history": history}
+    if pool is not None:
+        after = scan_loss_of(final, data, pool, normalize, rt, ENTROPY_WEIGHT)[0]
+        summary.update(scan_loss_before=state["loss_before"], scan_loss_after=after,
+                       improved=bool(after <= state["loss_before"]))
     stage.mark_done(summary)
     sink.stage_finished(STAGE, summary)
     return summary

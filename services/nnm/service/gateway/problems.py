@@ -8,7 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..retry import is_transient
+from ..storage import StorageError
 
 log = logging.getLogger("nnm.gateway")
 
@@ -106,6 +110,20 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else None
         return problem_response(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if is_transient(exc):
+            return problem_response(request, 503, "the job store is unavailable; retry shortly",
+                                    type_="urn:nnm:problem:database-unavailable", headers={"Retry-After": "5"})
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return problem_response(request, 500, "an internal error occurred; it has been logged",
+                                type_="urn:nnm:problem:internal")
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
+        return problem_response(request, 503, f"the artifact store is unavailable ({exc})",
+                                type_="urn:nnm:problem:storage-unavailable", headers={"Retry-After": "10"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
