@@ -15,7 +15,12 @@ from PIL import Image
 from .servers import postgres_database, redis_database, seaweedfs, start_gateway, start_worker, stop
 
 #: A pipeline of about half a minute on 2 cores: long enough to watch its progress move.
-FAST_PIPELINE = {"preset": "quick", "pretext": {"epochs": 10, "batch_size": 64}, "cluster": {"epochs": 2}, "selflabel": {"epochs": 1}}
+FAST_PIPELINE = {
+    "preset": "quick",
+    "pretext": {"epochs": 10, "batch_size": 64},
+    "cluster": {"epochs": 2},
+    "selflabel": {"epochs": 1},
+}
 
 
 def digits_zip(count: int = 300) -> bytes:
