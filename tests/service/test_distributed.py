@@ -236,3 +236,25 @@ def test_job_list_is_keyset_paginated(client: Client, uploaded_digits: dict):
     assert ids <= set(seen) and len(seen) == len(set(seen))
     created = [client.job(i)["created_at"] for i in seen]
     assert created == sorted(created, reverse=True)
+
+
+def test_a_burst_of_jobs_runs_each_exactly_once(client: Client, worker, uploaded_digits: dict, infra):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nnm.service.repository import JobStore
+
+    body = {"type": "pretext", "dataset_id": uploaded_digits["id"], "params": {"preset": "quick", "pretext": {
+        "epochs": 0}}}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.http.post("/v1/jobs", json=body), range(12)))
+    assert [r.status_code for r in responses] == [202] * 12
+    ids = [r.json()["id"] for r in responses]
+    assert len(set(ids)) == 12
+    finals = [client.wait(i, timeout=900, poll_s=1) for i in ids]
+    assert [f["status"] for f in finals] == ["succeeded"] * 12
+    assert [f["attempt"] for f in finals] == [1] * 12
+    store = JobStore(infra["database_url"])
+    try:
+        assert [sum(e.kind == "started" for e in store.events(i)) for i in ids] == [1] * 12
+    finally:
+        store.dispose()

@@ -157,3 +157,22 @@ def test_keyset_pagination(store):
         if cursor is None:
             break
     assert sorted(seen) == sorted(ids) and len(seen) == 5
+
+
+def test_running_limit_per_owner(store):
+    first, second = new_job(store), new_job(store)
+    assert store.claim(first.id, "w1", 60, max_running=1).attempt == 1
+    held = store.claim(second.id, "w2", 60, max_running=1)
+    assert held.attempt is None and held.reason == "owner at its running limit"
+    assert store.get_job(second.id).status == "queued"
+    store.finish(first.id, 1, "succeeded")
+    assert store.claim(second.id, "w2", 60, max_running=1).attempt == 1
+
+
+def test_migrations_match_the_models(store):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from nnm.service.db import Base
+
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

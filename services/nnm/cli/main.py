@@ -102,7 +102,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="create or upgrade the job store's tables (NNM_DATABASE_URL)")
     p.add_argument("--data-dir", type=Path)
+
+    p = sub.add_parser("keys", help="manage the service's API keys (stored hashed in the job store)")
+    p.add_argument("--data-dir", type=Path)
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("create", help="create a key and print it (it is shown only once)")
+    k.add_argument("--name", required=True)
+    k.add_argument("--scopes", default="read,write", help="comma-separated: read, write (default both)")
+    k.add_argument("--max-running", type=int, help="jobs this key may run at once")
+    k.add_argument("--max-queued", type=int, help="queued + running jobs this key may have")
+    k.add_argument("--uploads-per-minute", type=int)
+    keys.add_parser("list", help="list keys (never the keys themselves)")
+    k = keys.add_parser("revoke", help="revoke a key by id")
+    k.add_argument("key_id")
     return parser
+
+
+def manage_keys(args: argparse.Namespace) -> int:
+    if args.data_dir:
+        os.environ["NNM_DATA_DIR"] = str(args.data_dir)
+    from nnm.service.auth import KeyStore
+    from nnm.service.context import ServiceContext
+
+    ctx = ServiceContext.from_settings(migrate=True)
+    store = KeyStore(ctx.jobs)
+    try:
+        if args.keys_command == "create":
+            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+            try:
+                key, row = store.create(args.name, scopes, args.max_running, args.max_queued, args.uploads_per_minute)
+            except ValueError as exc:
+                print(f"nnm: error: {exc}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            print(json.dumps({"id": row.id, "name": row.name, "scopes": row.scopes, "key": key}))
+            print("nnm: store the key now; only its hash is kept", file=sys.stderr)
+        elif args.keys_command == "list":
+            for row in store.list():
+                print(json.dumps({"id": row.id, "name": row.name, "scopes": row.scopes,
+                                  "created_at": row.created_at.isoformat(),
+                                  "revoked": row.revoked_at is not None}))
+        elif not store.revoke(args.key_id):
+            print(f"nnm: error: no active key '{args.key_id}'", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
+    finally:
+        ctx.close()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -182,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         return serve(args)
     if cmd == "migrate":
         return migrate(args)
+    if cmd == "keys":
+        return manage_keys(args)
     if cmd == "assign":
         from nnm.engine.model_io import TrainedModel
         from nnm.engine.stages.assign import assign_images, read_image_files

@@ -15,7 +15,7 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from .queue import QUEUES, TASK_NAME
+from .queue import DEFER_S, QUEUES, TASK_NAME
 from .settings import load_settings
 
 log = logging.getLogger("nnm.worker")
@@ -76,6 +76,8 @@ def make_celery(broker_url: str | None = None) -> Celery:
             ctx.close()
         if status == "queued":  # handed back (worker stopping, or its child crashed): publish it again
             app.send_task(TASK_NAME, args=[job_id], queue=queue)
+        elif status == "deferred":  # its owner already runs as many jobs as allowed: try again shortly
+            app.send_task(TASK_NAME, args=[job_id], queue=queue, countdown=DEFER_S)
         return status
 
     return app

@@ -8,6 +8,7 @@ group. The outcome goes to WORKDIR/result.json; the exit status says which kind 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -22,8 +23,22 @@ def _write_result(workdir: Path, result: dict) -> None:
     atomic_write_json(workdir / "result.json", result)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the worker that started it dies (no orphaned training)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    expected = os.environ.get("NNM_PARENT_PID")
+    if expected and os.getppid() != int(expected):  # the worker died before we got here
+        sys.exit(EXIT_LOST)
+
+
 def main(argv: list[str]) -> int:
     job_id, attempt, workdir = argv[0], int(argv[1]), Path(argv[2])
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s child %(levelname)s %(message)s")
     # SIGTERM (cancel after the grace period, or worker shutdown) ends the process like Ctrl-C would.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

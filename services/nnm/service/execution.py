@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from nnm.engine.stages import run_cluster, run_evaluate, run_mine, run_pretext, 
 
 from .context import ServiceContext
 from .db import JobRow, utcnow
-from .jobspec import INPUT_STAGE, STAGES, dataset_spec, resolve
+from .jobspec import BACKBONE_PREFIX, INPUT_STAGE, STAGES, dataset_spec, resolve
 from .retry import is_transient, retry_db
 from .storage import download_prefix, upload_dir
 
@@ -50,14 +51,17 @@ class ServiceSink(ProgressSink):
     def __init__(self, ctx: ServiceContext, job: JobRow, attempt: int, out: Path, stages: list[str]):
         self.ctx, self.job_id, self.attempt, self.out = ctx, job.id, attempt, out
         self.stage: str | None = None
+        self.parent = os.getppid()
         self.status = JobStatus.running.value
         self.last_write = 0.0
+        self.last_progress: dict[str, Any] = {}
         self.last_upload = time.monotonic()
         previous = {s["name"]: s for s in (job.stages or [])}
         self.stages = [previous.get(name, {"name": name, "status": "pending"}) for name in stages]
 
     def _write(self, progress: dict[str, Any]) -> None:
         self.last_write = time.monotonic()
+        self.last_progress = progress
         try:
             status = self.ctx.jobs.update_progress(self.job_id, self.attempt, progress, self.stage)
         except DBAPIError as exc:
@@ -83,8 +87,9 @@ class ServiceSink(ProgressSink):
         self._write({"stage": stage, "epoch": 0, "epochs": epochs, "step": 0, "steps": steps, "fraction": 0.0})
 
     def update(self, event: ProgressEvent) -> None:
+        self.last_progress = event.as_dict()
         if time.monotonic() - self.last_write >= 1.0:
-            self._write(event.as_dict())
+            self._write(self.last_progress)
 
     def epoch_finished(self, stage: str, epoch: int, stats: dict[str, float]) -> None:
         interval = self.ctx.settings.checkpoint_upload_interval_s
@@ -108,14 +113,24 @@ class ServiceSink(ProgressSink):
         rows = [(f"{base}{rel}", f"{prefix}/{rel}", size) for rel, size in items]
         retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, rows), "record artifacts")
 
+    def message(self, text: str) -> None:
+        log.info("%s", text)
+        try:
+            self.ctx.jobs.event(self.job_id, "message", {"attempt": self.attempt, "text": text})
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+
     def upload_files(self, paths: list[Path]) -> None:
         prefix = job_prefix(self.job_id)
         items = [(p.name, f"{prefix}/{p.name}", self.ctx.store.put_file(f"{prefix}/{p.name}", p)) for p in paths]
         retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, items), "record artifacts")
 
     def should_stop(self) -> bool:
-        if time.monotonic() - self.last_write >= 1.0:
-            self._write({"stage": self.stage})
+        if os.getppid() != self.parent:  # the worker died (no PDEATHSIG here): stop, nobody waits for us
+            raise JobLost()
+        if time.monotonic() - self.last_write >= 1.0:  # heartbeat: re-send the latest progress, not a blank one
+            self._write(self.last_progress)
         return self.status == JobStatus.cancelling.value
 
 
@@ -145,7 +160,14 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
     # Resume: whatever this job already uploaded (finished stages, the last checkpoint).
     download_prefix(ctx.store, job_prefix(job.id), out)
     spec = _materialize_dataset(ctx, dataset, workdir)
-    cfg: PipelineConfig = resolve(dataset, job.params, ctx.settings.device, spec=spec)
+    params = job.params
+    init = (params.get("pretext") or {}).get("init") if isinstance(params.get("pretext"), dict) else None
+    if isinstance(init, str) and init.startswith(BACKBONE_PREFIX):  # an uploaded backbone: fetch it
+        local = workdir / "backbone.pt"
+        if not local.exists():
+            ctx.store.get_file(f"backbones/{job.owner}/{init[len(BACKBONE_PREFIX):]}.pt", local)
+        params = {**params, "pretext": {**params["pretext"], "init": str(local)}}
+    cfg: PipelineConfig = resolve(dataset, params, ctx.settings.device, spec=spec)
     inputs = job.inputs or {}
     for name, stage in INPUT_STAGE.items():
         if inputs.get(name) and not (out / stage / "done.json").exists():

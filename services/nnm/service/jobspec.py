@@ -171,6 +171,15 @@ def _same_data(job: JobRow, dataset: DatasetRow, store: JobStore, stage: str) ->
     )
 
 
+BACKBONE_PREFIX = "backbone:"
+
+
+def uploaded_backbone(cfg: PipelineConfig) -> str | None:
+    """The id of an uploaded backbone named by `pretext.init = "backbone:<id>"`, if any."""
+    init = cfg.pretext.init
+    return init[len(BACKBONE_PREFIX) :] if init and init.startswith(BACKBONE_PREFIX) else None
+
+
 def validate_job(
     job_type: str,
     dataset: DatasetRow,
@@ -179,10 +188,19 @@ def validate_job(
     owner: str,
     store: JobStore,
     device: str,
+    artifacts: Any = None,
 ) -> PipelineConfig:
     """All checks of a new job; returns the resolved engine configuration."""
     check_inputs(job_type, inputs, dataset, owner, store)
     cfg = resolve(dataset, params, device)
+    if cfg.pretext.init and job_type in {"pipeline", "pretext"}:
+        backbone = uploaded_backbone(cfg)
+        if backbone is None:
+            raise SpecError(422, "params.pretext.init must name an uploaded backbone ('backbone:<id>')",
+                            [{"loc": ["params", "pretext", "init"], "msg": "not an uploaded backbone"}])
+        if artifacts is not None and not artifacts.exists(f"backbones/{owner}/{backbone}.pt"):
+            raise SpecError(422, f"params.pretext.init: no uploaded backbone '{backbone}'",
+                            [{"loc": ["params", "pretext", "init"], "msg": "unknown backbone"}])
     if job_type in {"pipeline", "cluster", "mine"}:
         check_sizes(cfg, dataset)
     return parse_config(PipelineConfig, cfg.model_dump(mode="json"))

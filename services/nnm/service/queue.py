@@ -15,11 +15,14 @@ from .context import ServiceContext
 log = logging.getLogger("nnm.queue")
 
 QUEUES = ("gpu", "cpu")
+#: Seconds before a job held back by its owner's running limit is tried again.
+DEFER_S = 10.0
 TASK_NAME = "nnm.run_job"
 
 
 class JobQueue(Protocol):
-    def enqueue(self, job_id: str, queue: str) -> None: ...
+    def enqueue(self, job_id: str, queue: str, delay_s: float = 0) -> None: ...
+    def pending_job_ids(self) -> set[str] | None: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 
@@ -32,8 +35,29 @@ class CeleryQueue:
 
         self.app = make_celery(broker_url)
 
-    def enqueue(self, job_id: str, queue: str) -> None:
-        self.app.send_task(TASK_NAME, args=[job_id], queue=queue)
+    def enqueue(self, job_id: str, queue: str, delay_s: float = 0) -> None:
+        self.app.send_task(TASK_NAME, args=[job_id], queue=queue, countdown=delay_s or None)
+
+    def pending_job_ids(self) -> set[str] | None:
+        """Ids of jobs with a message in the broker (waiting or delivered but unacknowledged).
+
+        None when the broker cannot be inspected; the reconciler then trusts its records.
+        """
+        try:
+            with self.app.connection_for_read() as conn:
+                client = conn.default_channel.client
+                raw: list[bytes] = []
+                for queue in QUEUES:
+                    raw += client.lrange(queue, 0, -1)
+                raw += list(client.hvals("unacked"))
+        except Exception:
+            return None
+        ids = set()
+        for item in raw:
+            text = item.decode(errors="replace") if isinstance(item, bytes) else str(item)
+            for part in text.split("job_")[1:]:
+                ids.add("job_" + part[:32])
+        return ids
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
@@ -62,7 +86,12 @@ class LocalQueue:
         }
         self.stop = threading.Event()
 
-    def enqueue(self, job_id: str, queue: str) -> None:
+    def enqueue(self, job_id: str, queue: str, delay_s: float = 0) -> None:
+        if delay_s > 0:
+            timer = threading.Timer(delay_s, self.enqueue, args=(job_id, queue))
+            timer.daemon = True
+            timer.start()
+            return
         self.pools.get(queue, self.pools["gpu"]).submit(self._run, job_id, queue)
 
     def _run(self, job_id: str, queue: str) -> None:
@@ -73,8 +102,15 @@ class LocalQueue:
         except Exception:
             log.exception("job %s: runner failed", job_id)
             return
-        if status == "queued" and not self.stop.is_set():  # handed back after a crash: run it again
+        if self.stop.is_set():
+            return
+        if status == "queued":  # handed back after a crash: run it again
             self.enqueue(job_id, queue)
+        elif status == "deferred":  # its owner runs as many jobs as allowed: try again shortly
+            self.enqueue(job_id, queue, DEFER_S)
+
+    def pending_job_ids(self) -> set[str] | None:
+        return None  # the in-process queue is rebuilt from the job store at start-up
 
     def ping(self) -> None:
         if self.stop.is_set():

@@ -18,13 +18,20 @@ log = logging.getLogger("nnm.reconciler")
 
 
 def reconcile_once(ctx: ServiceContext, queue: JobQueue, republish_after_s: float | None = None) -> list[str]:
-    """One pass; returns the ids of the jobs it published again."""
+    """One pass; returns the ids of the jobs it published again.
+
+    Queued jobs are published again when they never were, when the broker no longer holds their
+    message (a broker that lost its data), or, with `republish_after_s`, when they waited that long.
+    """
     timeout = ctx.settings.heartbeat_timeout_s
+    stale = ctx.jobs.stale_jobs(timeout)
+    pending = queue.pending_job_ids() if any(j.status == "queued" for j in stale) else None
     published = []
-    for job in ctx.jobs.stale_jobs(timeout):
+    for job in stale:
         if job.status == "queued" and job.enqueued_at is not None:
             age = (utcnow() - job.enqueued_at).total_seconds()
-            if republish_after_s is None or age < republish_after_s:
+            vanished = pending is not None and job.id not in pending
+            if not vanished and (republish_after_s is None or age < republish_after_s):
                 continue
         try:
             queue.enqueue(job.id, job.queue)
@@ -46,7 +53,21 @@ class Reconciler(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        import time
+
+        reachable_since: float | None = None
         while not self.stopped.wait(self.interval_s):
+            try:
+                self.ctx.jobs.ping()
+            except Exception:
+                reachable_since = None  # heartbeats could not be written meanwhile: trust none of them
+                continue
+            now = time.monotonic()
+            reachable_since = reachable_since or now
+            # Right after a database outage every heartbeat looks stale; wait one heartbeat timeout so
+            # live workers can refresh theirs before any job is taken over.
+            if now - reachable_since < self.ctx.settings.heartbeat_timeout_s:
+                continue
             try:
                 reconcile_once(self.ctx, self.queue)
             except Exception:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -209,10 +209,12 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id)))
 
-    def claim(self, job_id: str, worker: str, heartbeat_timeout_s: float) -> Claim:
+    def claim(self, job_id: str, worker: str, heartbeat_timeout_s: float, max_running: int | None = None) -> Claim:
         """Start (or take over) a job: queued, or running with a stale heartbeat (its worker died).
 
-        The attempt counter goes up by one; past `max_attempts` the job fails instead.
+        The attempt counter goes up by one; past `max_attempts` the job fails instead. With
+        `max_running`, a job whose owner already runs that many jobs is left as it is (reason
+        "owner at its running limit").
         """
         now = utcnow()
         stale = now - timedelta(seconds=heartbeat_timeout_s)
@@ -220,6 +222,22 @@ class JobStore:
             JobRow.status == JobStatus.running.value, or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale)
         )
         with self.session() as s:
+            if max_running is not None:
+                owner = s.scalar(select(JobRow.owner).where(JobRow.id == job_id))
+                if s.bind.dialect.name == "postgresql":  # serialise the claims of one owner
+                    s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner or ""})
+                running = s.scalar(
+                    select(func.count())
+                    .select_from(JobRow)
+                    .where(
+                        JobRow.owner == owner,
+                        JobRow.id != job_id,
+                        JobRow.status.in_((JobStatus.running.value, JobStatus.cancelling.value)),
+                        JobRow.heartbeat_at >= stale,
+                    )
+                )
+                if running >= max_running:
+                    return Claim(None, "owner at its running limit", None)
             res = s.execute(
                 update(JobRow)
                 .where(
@@ -368,8 +386,6 @@ class JobStore:
             )
 
     def count_active(self, owner: str | None = None) -> dict[str, int]:
-        from sqlalchemy import func
-
         query = select(JobRow.status, func.count()).where(JobRow.status.in_(ACTIVE)).group_by(JobRow.status)
         if owner:
             query = query.where(JobRow.owner == owner)

@@ -48,6 +48,18 @@ def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
             continue
 
 
+def running_limit(ctx: ServiceContext, job_id: str) -> int | None:
+    """How many jobs the owner of `job_id` may run at once (None: no limit, for anonymous use)."""
+    from .db import ApiKeyRow
+
+    job = ctx.jobs.get_job(job_id)
+    if job is None or job.owner == "public":
+        return None
+    with ctx.jobs.session() as s:
+        key = s.get(ApiKeyRow, job.owner)
+    return (key.max_running_jobs if key and key.max_running_jobs else None) or ctx.settings.default_max_running_jobs
+
+
 class ShutdownRequested(Exception):
     """The worker is stopping; the job was handed back to the queue."""
 
@@ -56,7 +68,10 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
     """Run `job_id` to a terminal state (or hand it back when `stop` is set). Returns the final status."""
     settings = ctx.settings
     name = worker_name()
-    claim = retry_db(lambda: ctx.jobs.claim(job_id, name, settings.heartbeat_timeout_s), f"claim {job_id}")
+    limit = retry_db(lambda: running_limit(ctx, job_id), f"limits of {job_id}")
+    claim = retry_db(lambda: ctx.jobs.claim(job_id, name, settings.heartbeat_timeout_s, limit), f"claim {job_id}")
+    if claim.reason == "owner at its running limit":
+        return "deferred"
     if claim.attempt is None:
         log.info("job %s not started: %s", job_id, claim.reason)
         return claim.job.status if claim.job else None
@@ -67,6 +82,7 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
     log.info("job %s attempt %d starting", job_id, attempt)
     env = dict(os.environ)
     env["NNM_DATA_DIR"] = str(settings.data_dir.resolve())
+    env["NNM_PARENT_PID"] = str(os.getpid())
     # Built-in datasets download once per worker into its cache, not next to the job store.
     env["NNM_DATASETS_DIR"] = str((settings.datasets_dir or settings.cache_dir / "datasets").resolve())
     cmd = [sys.executable, "-m", "nnm.service.child", job_id, str(attempt), str(workdir)]

@@ -60,6 +60,14 @@ class Settings(BaseModel):
     embedded_gpu_slots: int = Field(1, ge=1)
     embedded_cpu_slots: int = Field(1, ge=1)
     log_level: str = "INFO"
+    #: API keys: "auto" requires them once one exists (`nnm keys create`), "required" always, "off" never.
+    auth: str = Field("auto", pattern="^(auto|required|off)$")
+    #: Limits of keys that set none: running jobs, queued + running jobs, dataset uploads per minute.
+    default_max_running_jobs: int = Field(2, ge=1)
+    default_max_queued_jobs: int = Field(100, ge=1)
+    default_uploads_per_minute: int = Field(30, ge=1)
+    #: Seconds between passes of the reconciler in the gateway (0 disables it).
+    reconcile_interval_s: float = Field(15.0, ge=0)
 
     @property
     def embedded_queue(self) -> bool:

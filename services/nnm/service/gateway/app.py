@@ -7,7 +7,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
 from nnm import __version__
 
@@ -15,9 +15,10 @@ from ..context import ServiceContext
 from ..queue import JobQueue, LocalQueue, make_queue
 from ..reconciler import Reconciler
 from . import problems
-from .deps import Gateway
+from .deps import Gateway, authenticate
 from .limits import BodySizeLimit
 from .model_cache import ModelCache
+from .routes_backbones import router as backbones_router
 from .routes_datasets import router as datasets_router
 from .routes_health import router as health_router
 from .routes_jobs import router as jobs_router
@@ -70,7 +71,7 @@ def _metrics(app: FastAPI, ctx: ServiceContext) -> None:
 
 
 def create_app(
-    ctx: ServiceContext | None = None, queue: JobQueue | None = None, reconcile_interval_s: float = 15.0
+    ctx: ServiceContext | None = None, queue: JobQueue | None = None, reconcile_interval_s: float | None = None
 ) -> FastAPI:
     """Build the gateway. Without arguments: settings from the environment, migrations applied,
     the queue they name (Celery, or in-process workers in embedded mode)."""
@@ -80,6 +81,8 @@ def create_app(
         settings = load_settings()
         ctx = ServiceContext.from_settings(settings, migrate=settings.auto_migrate)
     queue = queue or make_queue(ctx)
+    if reconcile_interval_s is None:
+        reconcile_interval_s = ctx.settings.reconcile_interval_s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,7 +106,8 @@ def create_app(
     app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx))
     problems.install(app)
     _metrics(app, ctx)
-    for router in (health_router, datasets_router, jobs_router, models_router):
-        app.include_router(router)
+    app.include_router(health_router)
+    for router in (datasets_router, jobs_router, models_router, backbones_router):
+        app.include_router(router, dependencies=[Depends(authenticate)])
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)
     return app

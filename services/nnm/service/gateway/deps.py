@@ -1,13 +1,19 @@
-"""Per-request dependencies: the service context and the caller's identity."""
+"""Per-request dependencies: the service context and the caller's identity (API keys)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from ..auth import ANONYMOUS, KeyStore, Principal, RateLimiter, principal_of
 from ..context import ServiceContext
 from ..queue import JobQueue
+from .problems import ApiProblem
 
 
 @dataclass
@@ -16,13 +22,69 @@ class Gateway:
 
     ctx: ServiceContext
     queue: JobQueue
-    models: object  # ModelCache
+    models: Any  # ModelCache
+    keys: KeyStore = field(init=False)
+    uploads: RateLimiter = field(default_factory=RateLimiter)
+    _keys_checked: float = field(default=-1e9, init=False)
+    _keys_exist: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyStore(self.ctx.jobs)
+
+    def keys_required(self) -> bool:
+        mode = self.ctx.settings.auth
+        if mode != "auto":
+            return mode == "required"
+        if time.monotonic() - self._keys_checked > 5.0:  # a new key takes effect within seconds
+            self._keys_exist = self.keys.any_active()
+            self._keys_checked = time.monotonic()
+        return self._keys_exist
 
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def owner(request: Request) -> str:
-    """The identity that owns what this request creates (API keys narrow it; see the security issue)."""
-    return getattr(request.state, "owner", "public")
+bearer = HTTPBearer(auto_error=False, description="An API key from `nnm keys create`")
+UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="nnm"'}
+
+
+async def authenticate(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    x_api_key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
+) -> Principal:
+    """The caller, from `Authorization: Bearer <key>` or `X-API-Key`; 401 without a valid key when keys
+    are required, 403 when the key lacks the scope of the method (GET: read, otherwise: write)."""
+    gw = gateway(request)
+    key = credentials.credentials if credentials else x_api_key
+    required = await run_in_threadpool(gw.keys_required)
+    if not key:
+        if required:
+            raise ApiProblem(401, "an API key is required: send 'Authorization: Bearer <key>'",
+                             type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
+        principal = ANONYMOUS
+    else:
+        row = await run_in_threadpool(gw.keys.find, key)
+        if row is None:
+            raise ApiProblem(401, "the API key is not valid", type_="urn:nnm:problem:unauthorized",
+                             headers=UNAUTHORIZED)
+        principal = principal_of(row)
+    needed = "read" if request.method in {"GET", "HEAD", "OPTIONS"} else "write"
+    if needed not in principal.scopes:
+        raise ApiProblem(403, f"this API key lacks the '{needed}' scope", type_="urn:nnm:problem:forbidden")
+    request.state.principal = principal
+    return principal
+
+
+def paged(fetch: Any, cursor: str | None, limit: int) -> tuple[list, str | None]:
+    """`fetch(cursor, limit)` of a keyset-paginated list, with a 422 for a cursor we did not issue."""
+    try:
+        return fetch(cursor, limit)
+    except ValueError as exc:
+        raise ApiProblem(422, f"cursor: {exc}", type_="urn:nnm:problem:validation") from None
+
+
+def owner(principal: Annotated[Principal, Depends(authenticate)]) -> str:
+    """The identity that owns what this request creates and the only one that can see it."""
+    return principal.owner

@@ -16,9 +16,8 @@ from nnm.engine.data import BUILTIN_INFO, LoadLimits, load_image_folder
 from nnm.engine.errors import DatasetError
 
 from ..db import new_id
-from ..storage import StorageError
 from .convert import dataset_out
-from .deps import Gateway, gateway, owner
+from .deps import Gateway, gateway, owner, paged
 from .problems import ApiProblem
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -119,15 +118,7 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
             ) from None
         dataset_id = new_id("ds")
         key = f"datasets/{dataset_id}/data.zip"
-        try:
-            await run_in_threadpool(gw.ctx.store.put_file, key, path)
-        except StorageError as exc:
-            raise ApiProblem(
-                503,
-                f"the artifact store is unavailable ({exc})",
-                type_="urn:nnm:problem:storage-unavailable",
-                headers={"Retry-After": "10"},
-            ) from None
+        await run_in_threadpool(gw.ctx.store.put_file, key, path)
     try:
         row = gw.ctx.jobs.add_dataset(
             id=dataset_id,
@@ -165,6 +156,12 @@ def _tmp_root(gw: Gateway) -> str:
 async def create_dataset(
     request: Request, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
 ) -> DatasetOut:
+    principal = request.state.principal
+    per_minute = principal.uploads_per_minute or gw.ctx.settings.default_uploads_per_minute
+    wait = gw.uploads.take(principal.owner, per_minute)
+    if wait > 0:
+        raise ApiProblem(429, f"upload rate limit of {per_minute} per minute reached",
+                         type_="urn:nnm:problem:rate-limited", headers={"Retry-After": str(int(wait) + 1)})
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         return _builtin(await request.body(), user, gw)
@@ -185,10 +182,7 @@ def list_datasets(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> DatasetList:
-    try:
-        rows, nxt = gw.ctx.jobs.list_datasets(user, cursor, limit)
-    except ValueError as exc:
-        raise ApiProblem(422, f"cursor: {exc}", type_="urn:nnm:problem:validation") from None
+    rows, nxt = paged(lambda c, n: gw.ctx.jobs.list_datasets(user, c, n), cursor, limit)
     return DatasetList(items=[dataset_out(r) for r in rows], next_cursor=nxt)
 
 

@@ -8,16 +8,16 @@ import logging
 import mimetypes
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from api_schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus, JobType
 
+from ..auth import active_jobs
 from ..jobspec import SpecError, queue_for, validate_job
 from ..repository import IdempotencyConflict, IdempotencyInFlight
-from ..storage import StorageError
 from .convert import job_out
-from .deps import Gateway, gateway, owner
+from .deps import Gateway, gateway, owner, paged
 from .problems import ApiProblem
 
 log = logging.getLogger("nnm.gateway")
@@ -56,11 +56,17 @@ def enqueue(gw: Gateway, job_id: str, queue: str) -> None:
 )
 def create_job(
     req: JobCreate,
+    request: Request,
     response: Response,
     gw: Annotated[Gateway, Depends(gateway)],
     user: Annotated[str, Depends(owner)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobOut:
+    principal = request.state.principal
+    limit = principal.max_queued_jobs or gw.ctx.settings.default_max_queued_jobs
+    if sum(active_jobs(gw.ctx.jobs, user).values()) >= limit and idempotency_key is None:
+        raise ApiProblem(429, f"this API key already has {limit} queued or running jobs, its limit",
+                         type_="urn:nnm:problem:too-many-jobs", headers={"Retry-After": "30"})
     dataset = gw.ctx.jobs.get_dataset(req.dataset_id, user)
     if dataset is None:
         raise ApiProblem(
@@ -71,7 +77,8 @@ def create_job(
         )
     inputs = req.inputs.model_dump(exclude_none=True)
     try:
-        validate_job(req.type.value, dataset, inputs, req.params, user, gw.ctx.jobs, gw.ctx.settings.device)
+        validate_job(req.type.value, dataset, inputs, req.params, user, gw.ctx.jobs, gw.ctx.settings.device,
+                     gw.ctx.store)
     except SpecError as exc:
         raise ApiProblem(exc.status, exc.detail, type_="urn:nnm:problem:invalid-job", errors=exc.errors) from None
     body_hash = hashlib.sha256(json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -120,12 +127,8 @@ def list_jobs(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobList:
-    try:
-        rows, nxt = gw.ctx.jobs.list_jobs(
-            user, cursor, limit, status.value if status else None, type.value if type else None, dataset_id
-        )
-    except ValueError as exc:
-        raise ApiProblem(422, f"cursor: {exc}", type_="urn:nnm:problem:validation") from None
+    rows, nxt = paged(lambda c, n: gw.ctx.jobs.list_jobs(
+        user, c, n, status.value if status else None, type.value if type else None, dataset_id), cursor, limit)
     return JobList(items=[_out(gw, r) for r in rows], next_cursor=nxt)
 
 
@@ -178,15 +181,7 @@ def get_artifact(
     media = mimetypes.guess_type(name)[0] or (
         "application/json" if name.endswith(".json") else "application/octet-stream"
     )
-    try:
-        chunks = gw.ctx.store.open_stream(art.key)
-    except StorageError as exc:
-        raise ApiProblem(
-            503,
-            f"the artifact store is unavailable ({exc})",
-            type_="urn:nnm:problem:storage-unavailable",
-            headers={"Retry-After": "10"},
-        ) from None
+    chunks = gw.ctx.store.open_stream(art.key)
     filename = name.rsplit("/", 1)[-1]
     return StreamingResponse(
         chunks,

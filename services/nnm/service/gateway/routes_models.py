@@ -14,9 +14,8 @@ from nnm.engine.data import LoadLimits
 from nnm.engine.errors import NNMError
 from nnm.engine.stages.assign import assign_images
 
-from ..storage import StorageError
 from .convert import model_out
-from .deps import Gateway, gateway, owner
+from .deps import Gateway, gateway, owner, paged
 from .model_cache import ModelCache
 from .problems import ApiProblem
 
@@ -45,10 +44,7 @@ def list_models(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> ModelList:
-    try:
-        rows, nxt = gw.ctx.jobs.list_models(user, cursor, limit)
-    except ValueError as exc:
-        raise ApiProblem(422, f"cursor: {exc}", type_="urn:nnm:problem:validation") from None
+    rows, nxt = paged(lambda c, n: gw.ctx.jobs.list_models(user, c, n), cursor, limit)
     return ModelList(items=[model_out(r) for r in rows], next_cursor=nxt)
 
 
@@ -90,15 +86,7 @@ async def assign(
         )
     images = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
     cache: ModelCache = gw.models  # type: ignore[assignment]
-    try:
-        model = await run_in_threadpool(cache.get, row)
-    except StorageError as exc:
-        raise ApiProblem(
-            503,
-            f"the artifact store is unavailable ({exc})",
-            type_="urn:nnm:problem:storage-unavailable",
-            headers={"Retry-After": "10"},
-        ) from None
+    model = await run_in_threadpool(cache.get, row)
     limits = LoadLimits(max_image_pixels=gw.ctx.settings.max_image_pixels)
     try:
         results = await run_in_threadpool(assign_images, model, images, RuntimeConfig(device="cpu"), 256, limits)
