@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -73,11 +74,13 @@ def service_env(infra) -> dict[str, str]:
             "NNM_STREAM_LIMIT_BYTES": "1000000",
             "NNM_CANCEL_GRACE_S": "5",
             "OMP_NUM_THREADS": "2",
-        # Small limits, so the bad-input tests can exceed them cheaply.
-        "NNM_MAX_UPLOAD_BYTES": "20000000",
-        "NNM_MAX_UNCOMPRESSED_BYTES": "50000000",
-        "NNM_MAX_IMAGES": "1000",
-        "NNM_MAX_IMAGE_PIXELS": "4000000",
+            # Small limits, so the bad-input tests can exceed them cheaply.
+            "NNM_MAX_UPLOAD_BYTES": "20000000",
+            "NNM_MAX_UNCOMPRESSED_BYTES": "50000000",
+            "NNM_MAX_IMAGES": "1000",
+            "NNM_MAX_IMAGE_PIXELS": "4000000",
+            # Short-lived presigned URLs, so a test can watch one expire.
+            "NNM_PRESIGN_EXPIRY_S": "4",
         }
     )
     return env
@@ -125,6 +128,13 @@ def uploaded_digits(gateway_url, tmp_path_factory) -> dict:
         return c.upload_dataset(path, name="digits-300")
     finally:
         c.close()
+
+
+def figure(name: str, **values) -> None:
+    """Append a measured figure (for docs/reliability.md) to $NNM_RELIABILITY_FIGURES."""
+    path = Path(os.environ.get("NNM_RELIABILITY_FIGURES", "/tmp/nnm-reliability.jsonl"))
+    with path.open("a") as f:
+        f.write(json.dumps({"test": name, **values}) + "\n")
 
 
 def child_processes_of(job_id: str) -> list[int]:

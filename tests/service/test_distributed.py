@@ -14,7 +14,7 @@ import pytest
 from nnm.service.client import ApiError, Client
 from PIL import Image
 
-from .conftest import FAST_PIPELINE, child_processes_of, digit_png
+from .conftest import FAST_PIPELINE, child_processes_of, digit_png, figure
 
 pytestmark = pytest.mark.slow
 
@@ -119,14 +119,17 @@ def test_large_artifacts_redirect_to_a_presigned_url(client: Client, worker, upl
         job = jobs[0]
     big = [a for a in job["artifacts"] if a["size"] > 1_000_000]
     small = [a for a in job["artifacts"] if a["size"] < 1_000_000]
-    assert small
+    assert small and big
     r = client.http.get(small[0]["url"])
     assert r.status_code == 200 and len(r.content) == small[0]["size"]
     for art in big:
         r = client.http.get(art["url"], follow_redirects=False)
         assert r.status_code == 307
-        assert "X-Amz-Signature" in r.headers["location"]
-        assert len(httpx.get(r.headers["location"]).content) == art["size"]
+        url = r.headers["location"]
+        assert "X-Amz-Signature" in url and "X-Amz-Expires=4&" in url
+        assert len(httpx.get(url).content) == art["size"]
+    time.sleep(6)  # the URL stops working once its expiry has passed
+    assert httpx.get(url).status_code == 403
 
 
 def test_cancel_a_running_job(client: Client, worker, uploaded_digits: dict):
@@ -146,6 +149,7 @@ def test_cancel_a_running_job(client: Client, worker, uploaded_digits: dict):
     assert final["status"] == "cancelled" and took < 15, took
     time.sleep(1)
     assert child_processes_of(job["id"]) == []
+    figure("cancel a running training job", seconds_to_cancelled=round(took, 1), child_processes_left=0)
     with pytest.raises(ApiError) as err:
         client.cancel(job["id"])
     assert err.value.status == 409

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from nnm.service.client import Client
 
-from .conftest import child_processes_of, digits_zip
+from .conftest import child_processes_of, digits_zip, figure
 from .servers import own_postgres, own_redis, seaweedfs, start_gateway, start_worker, stop, wait_bucket
 
 pytestmark = pytest.mark.slow
@@ -25,14 +25,6 @@ pytestmark = pytest.mark.slow
 #: About a minute on 2 cores; one checkpoint per epoch, so there is something to resume from.
 LONG_PIPELINE = {"preset": "quick", "runtime": {"seed": 5}, "pretext": {"epochs": 14, "batch_size": 64},
                  "cluster": {"epochs": 2}, "selflabel": {"epochs": 1}}
-FIGURES = Path(os.environ.get("NNM_RELIABILITY_FIGURES", "/tmp/nnm-reliability.jsonl"))
-
-
-def figure(name: str, **values) -> None:
-    with FIGURES.open("a") as f:
-        f.write(json.dumps({"test": name, **values}) + "\n")
-
-
 class Stack:
     """Postgres, Redis and S3 of its own, the gateway, and workers started and killed at will."""
 

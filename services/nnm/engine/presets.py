@@ -142,7 +142,10 @@ def _cpu(t: DatasetTraits) -> dict[str, Any]:
             "selflabel": {"epochs": 30, "batch_size": 256, "lr": 3e-5, "augment": _DIGIT_STRONG},
         }
     if t.channels == 1 and t.image_size <= 32:
+        # MNIST-like: 20 px keeps strokes legible and makes every step about 2x cheaper than 28 px,
+        # which is what fits 5,000 images in well under 20 minutes on 2 cores.
         return {
+            "data": {"image_size": min(t.image_size, 20)},
             "pretext": {
                 "backbone": {"width": 16},
                 "epochs": 60,
