@@ -167,7 +167,8 @@ def _cpu(t: DatasetTraits) -> dict[str, Any]:
         }
     # Colour images: a quarter-width ResNet-18 (wider ones run far less efficiently on a 2-core CPU)
     # and SimCLR views of 3/4 the image side (1.5x cheaper steps; features are still taken from full
-    # images). CIFAR-10's 45k training images fit the pipeline in under an hour on 2 cores with bf16.
+    # images). Sized so CIFAR-10's 45k training images fit in an hour on 2 cores with bf16: an estimate from
+    # per-epoch timings, not yet a complete measured run (docs/benchmarks.md).
     big = t.num_images > 20000
     size = min(t.image_size, 32 if t.image_size <= 48 else 64)
     return {
