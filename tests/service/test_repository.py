@@ -30,9 +30,9 @@ def store(request, tmp_path):
             s.dispose()
 
 
-def new_job(store: JobStore, **kw):
-    ds = store.add_dataset(
-        owner="alice",
+def new_dataset(store: JobStore, owner: str):
+    return store.add_dataset(
+        owner=owner,
         name="d",
         kind="builtin",
         builtin="digits",
@@ -44,6 +44,10 @@ def new_job(store: JobStore, **kw):
         classes=None,
         size_bytes=None,
     )
+
+
+def new_job(store: JobStore, **kw):
+    ds = new_dataset(store, "alice")
     job, created = store.create_job(
         owner="alice",
         type="pipeline",
@@ -115,19 +119,7 @@ def test_release_puts_a_job_back(store):
 
 
 def test_idempotency(store):
-    ds = store.add_dataset(
-        owner="bob",
-        name="d",
-        kind="builtin",
-        builtin="digits",
-        split=None,
-        key=None,
-        image_count=10,
-        image_size=8,
-        channels=1,
-        classes=None,
-        size_bytes=None,
-    )
+    ds = new_dataset(store, "bob")
     args = dict(
         owner="bob",
         type="pretext",
