@@ -58,9 +58,8 @@ async def authenticate(
     are required, 403 when the key lacks the scope of the method (GET: read, otherwise: write)."""
     gw = gateway(request)
     key = credentials.credentials if credentials else x_api_key
-    required = await run_in_threadpool(gw.keys_required)
     if not key:
-        if required:
+        if await run_in_threadpool(gw.keys_required):
             raise ApiProblem(401, "an API key is required: send 'Authorization: Bearer <key>'",
                              type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
         principal = ANONYMOUS
