@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from sqlalchemy.exc import DBAPIError
+
 from .context import ServiceContext
 from .db import utcnow
 from .queue import JobQueue
@@ -70,6 +72,10 @@ class Reconciler(threading.Thread):
                 continue
             try:
                 reconcile_once(self.ctx, self.queue)
+            except DBAPIError as exc:
+                # The database went away between the ping and the pass: an outage, not a bug.
+                log.warning("reconciler: database unreachable, pass skipped (%s)", type(exc.orig).__name__)
+                reachable_since = None
             except Exception:
                 log.exception("reconciler pass failed")
 
