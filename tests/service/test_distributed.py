@@ -14,7 +14,7 @@ import pytest
 from nnm.service.client import ApiError, Client
 from PIL import Image
 
-from .conftest import FAST_PIPELINE, child_processes_of, digit_png, figure
+from .conftest import FAST_PIPELINE, child_processes_of, digit_png, digits_zip, figure
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,12 @@ def test_upload_is_validated_and_listed(client: Client, uploaded_digits: dict, i
     assert f"datasets/{uploaded_digits['id']}/data.zip" in keys
 
 
-def test_pipeline_job_end_to_end(client: Client, worker, uploaded_digits: dict, infra, tmp_path):
-    job = client.submit("pipeline", uploaded_digits["id"], FAST_PIPELINE)
+def test_pipeline_job_end_to_end(client: Client, worker, infra, tmp_path):
+    # 960 digits (this stack admits at most 1,000 files per upload), so that each stage lasts several
+    # 1-s progress heartbeats even on a fast machine.
+    (tmp_path / "digits-960.zip").write_bytes(digits_zip(960))
+    dataset = client.upload_dataset(tmp_path / "digits-960.zip", name="digits-960")
+    job = client.submit("pipeline", dataset["id"], FAST_PIPELINE)
     assert job["status"] in {"queued", "running"}
     seen = []
 

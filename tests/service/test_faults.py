@@ -86,6 +86,11 @@ def stack(tmp_path_factory):
         zipped = root / "digits.zip"
         zipped.write_bytes(digits_zip())
         st.dataset = st.client.upload_dataset(zipped)
+        # Faults aimed at a moment inside an epoch need epochs longer than the 1-s progress heartbeat and
+        # a job that outlasts the hand-back: all 1,797 digits (28 steps per epoch instead of 4).
+        whole = root / "digits-all.zip"
+        whole.write_bytes(digits_zip(1797))
+        st.long_dataset = st.client.upload_dataset(whole)
         try:
             yield st
         finally:
@@ -119,7 +124,7 @@ def job_in_training(stack: Stack, worker_name: str) -> tuple[subprocess.Popen, d
 
 def test_kill_9_mid_epoch_resumes_on_a_new_worker(stack: Stack):
     w1 = stack.start_worker("k1")
-    job = stack.client.submit("pipeline", stack.dataset["id"], LONG_PIPELINE)
+    job = stack.client.submit("pipeline", stack.long_dataset["id"], LONG_PIPELINE)
     stack.wait_for(job["id"], lambda j: (j.get("progress") or {}).get("stage") == "pretext"
                    and (j["progress"].get("epoch") or 0) >= 6 and (j["progress"].get("step") or 0) >= 2)
     killed = time.monotonic()
@@ -133,7 +138,7 @@ def test_kill_9_mid_epoch_resumes_on_a_new_worker(stack: Stack):
     assert final["attempt"] == 2
     resumed = resumed_after(stack, job["id"])
     assert resumed and resumed[0] >= 4, resumed  # from its last checkpoint, not from epoch 0
-    reference = stack.client.wait(stack.client.submit("pipeline", stack.dataset["id"], LONG_PIPELINE)["id"],
+    reference = stack.client.wait(stack.client.submit("pipeline", stack.long_dataset["id"], LONG_PIPELINE)["id"],
                                   timeout=600)
     assert reference["status"] == "succeeded" and reference["attempt"] == 1
     diff = {k: abs(final["metrics"][k] - reference["metrics"][k]) for k in ("acc", "nmi", "ari")}
@@ -145,7 +150,7 @@ def test_kill_9_mid_epoch_resumes_on_a_new_worker(stack: Stack):
 
 
 def test_poison_job_fails_after_its_attempts(stack: Stack):
-    job = stack.client.submit("pipeline", stack.dataset["id"], LONG_PIPELINE)
+    job = stack.client.submit("pipeline", stack.long_dataset["id"], LONG_PIPELINE)
     started = time.monotonic()
     for attempt in (1, 2):
         worker = stack.start_worker(f"p{attempt}")
@@ -166,7 +171,7 @@ def test_poison_job_fails_after_its_attempts(stack: Stack):
 
 def test_sigterm_hands_the_running_job_back(stack: Stack):
     w1 = stack.start_worker("g1")
-    job = stack.client.submit("pipeline", stack.dataset["id"], LONG_PIPELINE)
+    job = stack.client.submit("pipeline", stack.long_dataset["id"], LONG_PIPELINE)
     stack.wait_for(job["id"], lambda j: (j.get("progress") or {}).get("epoch", 0) >= 3)
     t0 = time.monotonic()
     os.kill(w1.pid, signal.SIGTERM)  # warm shutdown of the Celery worker
