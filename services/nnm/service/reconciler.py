@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy.exc import DBAPIError
-
 from .context import ServiceContext
 from .db import utcnow
 from .queue import JobQueue
+from .retry import is_transient
 
 log = logging.getLogger("nnm.reconciler")
 
@@ -72,12 +71,14 @@ class Reconciler(threading.Thread):
                 continue
             try:
                 reconcile_once(self.ctx, self.queue)
-            except DBAPIError as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("reconciler pass failed")
+                    continue
                 # The database went away between the ping and the pass: an outage, not a bug.
-                log.warning("reconciler: database unreachable, pass skipped (%s)", type(exc.orig).__name__)
+                log.warning("reconciler: database unreachable, pass skipped (%s)",
+                            type(getattr(exc, "orig", exc)).__name__)
                 reachable_since = None
-            except Exception:
-                log.exception("reconciler pass failed")
 
     def stop(self) -> None:
         self.stopped.set()
