@@ -1,5 +1,7 @@
+import io
 import stat
 import struct
+import time
 import zipfile
 import zlib
 
@@ -7,8 +9,27 @@ import numpy as np
 import pytest
 import torch
 from conftest import png_bytes, write_image_folder, write_zip
-from nnm.engine.data import LoadLimits, channel_stats, load_dataset
+from hostile_inputs import GiB, MiB, blank_png, can_measure_peak_rss, peak_rss_bytes, reset_peak_rss, zeros_zip
+from nnm.engine.config import BackboneConfig
+from nnm.engine.data import (
+    DECODE_WORKERS,
+    LoadLimits,
+    PixelBudgetError,
+    _Budget,
+    _Capped,
+    channel_stats,
+    decode_pixels,
+    fit_square,
+    inspect_image_folder,
+    load_dataset,
+    load_square,
+    pil_to_uint8,
+)
 from nnm.engine.errors import DatasetError
+from nnm.engine.model_io import ModelInfo, TrainedModel
+from nnm.engine.models import ClusteringModel, build_backbone
+from nnm.engine.stages.assign import assign_images, read_image_files
+from PIL import Image, ImageFile
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -133,3 +154,216 @@ def test_channel_stats():
     x = torch.tensor([[[[0, 255]]], [[[255, 255]]]], dtype=torch.uint8)  # (2, 1, 1, 2)
     mean, std = channel_stats(x)
     assert np.isclose(mean[0], 0.75) and np.isclose(std[0], np.sqrt(0.75 * 0.25))
+
+
+# ----------------------------------------------------------------------------- memory under hostile input
+# Peak memory must follow the output, not the input: a few kilobytes of zip must not cost gigabytes.
+
+needs_peak_rss = pytest.mark.skipif(not can_measure_peak_rss(), reason="needs /proc/self/clear_refs (Linux)")
+
+
+def added_peak_rss(fn):
+    """(fn(), how far the process's peak RSS rose above its RSS before the call), in bytes."""
+    reset_peak_rss()
+    before, _ = peak_rss_bytes()
+    result = fn()
+    _, peak = peak_rss_bytes()
+    return result, peak - before
+
+
+#: One blank 4000x4000 image decoded as RGB; a decode slot holds about 1.5 of them (RGB, then L) at most.
+FULL_IMAGE = 4000 * 4000 * 3
+#: What the decode slots may add together, plus one image of slack: 24 images at once would be far more.
+DECODE_BOUND = (2 * DECODE_WORKERS + 1) * FULL_IMAGE
+
+
+@needs_peak_rss
+def test_blank_large_pngs_are_decoded_a_few_at_a_time(tmp_path):
+    """16 blank 4000x4000 RGB PNGs (3 KB zipped, 48 MB each decoded): decoding them all before
+    resizing, as the loader once did, costs over 768 MB; one at a time per decode slot, a few images."""
+    path = tmp_path / "blank.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(16):
+            z.writestr(f"blank/{i:02d}.png", blank_png(4000))
+    assert path.stat().st_size < 20_000
+    data, added = added_peak_rss(lambda: load_dataset(str(path)))
+    assert data.images.shape == (16, 1, 96, 96) and int(data.images.max()) == 0
+    assert added < DECODE_BOUND, f"peak rose by {added / MiB:.0f} MiB"
+    summary, added = added_peak_rss(lambda: inspect_image_folder(path))
+    assert (summary.count, summary.image_size, summary.channels) == (16, 96, 1)
+    assert added < DECODE_BOUND, f"peak rose by {added / MiB:.0f} MiB"
+
+
+@needs_peak_rss
+def test_a_long_thin_image_never_becomes_a_huge_intermediate(tmp_path):
+    """A 100000x1 PNG is 100,000 pixels; scaling its short side to 96 before cropping would make a
+    9,600,000 x 96 image (over 900 MB). The crop is taken in source coordinates instead."""
+    (tmp_path / "thin").mkdir()
+    Image.fromarray(np.full((1, 100_000), 200, np.uint8)).save(tmp_path / "thin" / "line.png")
+    data, added = added_peak_rss(lambda: load_dataset(str(tmp_path / "thin")))
+    assert data.images.shape == (1, 1, 96, 96) and int(data.images.min()) == 200
+    assert added < 64 * MiB, f"peak rose by {added / MiB:.0f} MiB"
+
+
+def test_pixel_limit_is_checked_on_every_header_before_anything_is_decoded(tmp_path, monkeypatch):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"a{i}.png").write_bytes(png_bytes(np.zeros((8, 8), np.uint8)))
+    (folder / "z.png").write_bytes(bomb_png(4097, 4096))  # sorted last
+    loads = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or original(self))
+    with pytest.raises(DatasetError, match="z.png' declares 4097x4096 pixels, more than the limit of 16777216"):
+        load_dataset(str(folder), limits=LoadLimits(max_image_pixels=4096 * 4096))
+    assert loads == [], "images were decoded before the oversized one was refused"
+    (folder / "z.png").write_bytes(png_bytes(np.zeros((4096, 4096), np.uint8)))  # at the limit: accepted
+    assert len(load_dataset(str(folder), limits=LoadLimits(max_image_pixels=4096 * 4096))) == 6
+
+
+def test_zip_member_over_the_per_file_cap_is_refused_from_its_header(tmp_path):
+    """One 4 GiB zero-filled member (4 MB zipped), declared honestly: refused before any inflating."""
+    path = zeros_zip(tmp_path / "zeros.zip", 4 * GiB, crc=False)
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match="'zeros/0.png' expands to 4294967296 bytes, more than the limit of"):
+        load_dataset(str(path), limits=LoadLimits(max_member_bytes=128 * MiB))
+    with pytest.raises(DatasetError, match="limit for uncompressed data"):
+        load_dataset(str(path), limits=LoadLimits(max_member_bytes=8 * GiB, max_total_bytes=2 * GiB))
+    assert time.monotonic() - started < 5
+
+
+@needs_peak_rss
+def test_zip_member_that_understates_its_size_is_read_no_further(tmp_path):
+    """A member declaring 1 MiB whose data inflates to 256 MiB: reading stops at 1 MiB (so it is no image)."""
+    path = zeros_zip(tmp_path / "liar.zip", 256 * MiB, declared=MiB)
+
+    def attempt() -> None:
+        with pytest.raises(DatasetError, match="zeros/0.png' is not a readable image"):
+            load_dataset(str(path))
+
+    _, added = added_peak_rss(attempt)
+    assert added < 32 * MiB, f"peak rose by {added / MiB:.0f} MiB"
+    with pytest.raises(DatasetError, match="zeros/0.png"):
+        inspect_image_folder(path)
+
+
+def test_capped_reader_counts_real_bytes_not_declared_ones():
+    """What is actually read is capped per file and in total, whatever a header declared."""
+    with pytest.raises(DatasetError, match="'f.png' holds more than 10 bytes, the limit for one file"):
+        _Capped(io.BytesIO(b"x" * 11), "f.png", cap=10).read()
+    assert _Capped(io.BytesIO(b"x" * 10), "f.png", cap=10).read() == b"x" * 10
+    budget = _Budget(15)
+    _Capped(io.BytesIO(b"x" * 10), "a.png", cap=10, budget=budget).read()
+    with pytest.raises(DatasetError, match="more than 15 bytes, the limit for uncompressed data"):
+        _Capped(io.BytesIO(b"x" * 10), "b.png", cap=10, budget=budget).read()
+
+
+def test_entry_count_is_checked_before_the_directory_is_parsed(tmp_path, monkeypatch):
+    path = write_zip(tmp_path / "many.zip", {f"{i}.png": b"" for i in range(50)})
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: pytest.fail("the central directory was parsed"))
+    with pytest.raises(DatasetError, match="archive has 50 entries, more than the limit of 10"):
+        load_dataset(str(path), limits=LoadLimits(max_files=10))
+
+
+def test_gray_and_colour_images_give_the_same_pixels_as_before(tmp_path):
+    """An L image and an RGB image with equal channels load alike; one colour image (sorted last, so
+    the output grows to three channels midway) makes the set RGB, with the gray images in all three."""
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (300, 200), dtype=np.uint8)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    Image.fromarray(gray).save(folder / "a.png")
+    Image.fromarray(np.stack([gray] * 3, -1)).save(folder / "b.png")
+    data = load_dataset(str(folder))
+    assert data.images.shape == (2, 1, 96, 96) and torch.equal(data.images[0], data.images[1])
+    expected = np.asarray(fit_square(Image.fromarray(gray), 96))
+    assert np.array_equal(data.images[0, 0].numpy(), expected)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "c.png")
+    data = load_dataset(str(folder))
+    assert data.images.shape == (3, 3, 96, 96)
+    for i in (0, 1):
+        assert all(np.array_equal(data.images[i, c].numpy(), expected) for c in range(3))
+    assert inspect_image_folder(folder).channels == 3
+
+
+def test_inspection_matches_loading(tmp_path, small_digits):
+    root = write_image_folder(tmp_path / "set", small_digits, count=30, step=13)
+    summary, data = inspect_image_folder(root), load_dataset(str(root))
+    assert (summary.count, summary.image_size, summary.channels) == (len(data), data.image_size, data.channels)
+    assert summary.class_names == data.class_names and summary.names == data.names
+
+
+def test_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """A 4000x3000 JPEG shrunk to 32 px decodes at 1/8 scale (draft) and looks like the full decode."""
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    big = Image.fromarray(small).resize((4000, 3000), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=90)
+    drafted = load_square(buf.getvalue(), "big.jpg", 32, "RGB", 4096 * 4096)
+    full = pil_to_uint8(fit_square(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 32))
+    assert drafted.shape == (3, 32, 32)
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 3
+    sizes = []
+    original = Image.Image.resize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image.Image, "resize", lambda self, *a, **k: sizes.append(self.size) or original(self, *a, **k))
+        load_square(buf.getvalue(), "big.jpg", 32, "RGB", 4096 * 4096)
+    assert sizes[0] == (500, 375)  # 1/8 scale
+    assert decode_pixels(4000, 3000, "JPEG", 32) == 500 * 375 and decode_pixels(4000, 3000, "PNG", 32) == 12_000_000
+
+
+def test_pixel_budget_refuses_before_decoding(tmp_path, monkeypatch):
+    """All images of one call together may decode to at most `max_total_pixels`, read from headers."""
+    loads = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or original(self))
+    images = [(f"{i}.png", blank_png(4000)) for i in range(5)]
+    with pytest.raises(PixelBudgetError, match="the 5 images declare 80000000 pixels to decode, more than the limit "
+                                               "of 64000000 for one request"):
+        assign_images(tiny_model(), images, limits=LoadLimits(max_total_pixels=64_000_000))
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png_bytes(np.zeros((64, 64), np.uint8)))
+    refusal = "the images declare 12288 pixels to decode, more than the limit of 10000"
+    with pytest.raises(PixelBudgetError, match=refusal):
+        load_dataset(str(folder), limits=LoadLimits(max_total_pixels=10_000))
+    assert loads == []
+
+
+def tiny_model(in_channels: int = 1, size: int = 16) -> TrainedModel:
+    """An untrained 3-cluster model: enough to run assignment end to end."""
+    backbone = BackboneConfig(width=4)
+    info = ModelInfo(backbone=backbone, in_channels=in_channels, image_size=size, mean=[0.5] * in_channels,
+                     std=[0.25] * in_channels, clusters=3, class_names=["a", "b", "c"], cluster_to_class=[0, 1, 2])
+    return TrainedModel(ClusteringModel(build_backbone(backbone, in_channels), 3, heads=1).eval(), info)
+
+
+@needs_peak_rss
+def test_assign_decodes_one_image_at_a_time(tmp_path):
+    """24 blank 4000x4000 PNGs to `assign_images` (bytes, as the CLI once read them): a few images at most."""
+    model = tiny_model()
+    images = [(f"{i}.png", blank_png(4000)) for i in range(24)]
+    results, added = added_peak_rss(lambda: assign_images(model, images))
+    assert [r["image"] for r in results] == [name for name, _ in images]
+    assert len({r["cluster"] for r in results}) == 1  # identical images, identical answers
+    assert added < DECODE_BOUND, f"peak rose by {added / MiB:.0f} MiB"
+
+
+def test_assign_takes_bytes_paths_and_open_files_and_names_a_bad_one(tmp_path):
+    model = tiny_model(in_channels=3, size=8)
+    png = png_bytes(np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    (tmp_path / "a.png").write_bytes(png)
+    with open(tmp_path / "a.png", "rb") as f:
+        f.read(5)  # an upload file is read from its start, wherever it was left
+        results = assign_images(model, [("bytes.png", png), *read_image_files([tmp_path / "a.png"]), ("file.png", f)])
+    assert [r["cluster"] for r in results] == [results[0]["cluster"]] * 3
+    assert all(r["class_name"] == "abc"[r["cluster"]] for r in results)
+    with pytest.raises(DatasetError, match="huge.png' declares 9000x9000 pixels, more than the limit"):
+        assign_images(model, [("ok.png", png), ("huge.png", bomb_png(9000, 9000))],
+                      limits=LoadLimits(max_image_pixels=4096 * 4096))
+    with pytest.raises(DatasetError, match="half.png' is corrupt or truncated"):
+        assign_images(model, [("half.png", blank_png(4000)[:20_000])])
+    with pytest.raises(DatasetError, match="cannot read image '.*missing.png'"):
+        read_image_files([tmp_path / "missing.png"])

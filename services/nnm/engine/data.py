@@ -1,21 +1,31 @@
 """Datasets: built-in ones by name, and image folders or .zip archives in ImageFolder layout.
 
 Images are decoded once into a uint8 tensor (N, C, H, W) and stay that way; augmentation works on
-batches of that tensor, so nothing is re-decoded during training.
+batches of that tensor, so nothing is re-decoded during training. Folders and archives are decoded
+one image at a time into that tensor, so peak memory follows its size, not the files' (see below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
+import math
 import os
 import pickle
 import stat
+import tempfile
+import threading
 import zipfile
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -35,8 +45,15 @@ class LoadLimits:
     """Bounds on what a folder or archive may contain (the service tightens them)."""
 
     max_files: int = 5_000_000
+    #: Uncompressed bytes of all images together (declared sizes, and bytes actually read).
     max_total_bytes: int = 200 * 1024**3
+    #: Pixels of one image, read from its header before anything is decoded.
     max_image_pixels: int = 64_000_000
+    #: Uncompressed bytes of one image file or zip member.
+    max_member_bytes: int = 1024**3
+    #: Pixels all the images of one call may decode to together, from their headers (None: no limit).
+    #: It bounds the work a few small, highly compressed files can ask for.
+    max_total_pixels: int | None = None
 
 
 @dataclass
@@ -228,24 +245,135 @@ def _load_stl10(split: str, root: Path) -> ImageSet:
 
 
 # ----------------------------------------------------------------------------- folders and archives
+#
+# Memory follows the output, not the input: every image's size is read from its header first (Pillow
+# opens lazily), images over the pixel limit are refused before anything is decoded, and then one image
+# at a time per decode slot is decoded (JPEGs at reduced scale), resized and copied into the
+# preallocated output. Zip members are inflated in chunks, counted as they come, never read whole.
+
+#: Images decoded at once in this process, across all callers (concurrent gateway requests included):
+#: each holds one full-size image, so this bounds decode memory to a few images whatever the load.
+DECODE_WORKERS = max(1, min(4, os.cpu_count() or 2))
+_decode_slots = threading.BoundedSemaphore(DECODE_WORKERS)
+#: A zip member is inflated into memory up to this size before it is decoded; larger ones spill to a
+#: temporary file (Pillow seeks, and seeking back in a zip member means inflating it again).
+_SPOOL_BYTES = 8 * 1024**2
+_CHUNK = 1024**2
+#: Resizing first shrinks by an integer factor (box filter) down to this many times the target, then
+#: resamples (Pillow's `reducing_gap`): far faster on large images, and indistinguishable in practice.
+_REDUCING_GAP = 3.0
+
+ImageSource = bytes | os.PathLike | BinaryIO
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class _Entry:
     relpath: PurePosixPath
-    read: Callable[[], bytes]
+    open: Callable[[], AbstractContextManager[BinaryIO]]
+    spool: bool = False  # a zip member: copy it out before decoding (see _SPOOL_BYTES)
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """What an image folder or archive holds, from a pass that decodes every image but keeps no pixels."""
+
+    count: int
+    image_size: int  # the side `load_image_folder` gives its images without an explicit size
+    channels: int
+    class_names: list[str] | None
+    names: list[str]
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _Budget:
+    """Uncompressed bytes read so far, across threads, against the limit for a whole folder or archive."""
+
+    def __init__(self, limit: int, what: str = "archive expands to more than"):
+        self.limit, self.used, self.what = limit, 0, what
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            self.used += n
+            if self.used > self.limit:
+                raise DatasetError(f"{self.what} {self.limit} bytes, the limit for uncompressed data")
+
+
+class _Capped(io.RawIOBase):
+    """A read-only view of `raw` that refuses to go past `cap` bytes, whatever size was declared.
+
+    It counts the bytes it actually delivers (into `budget` too), and never asks `raw` for more than
+    the cap allows: zipfile's `read()` of a whole member inflates up to 2 GiB in one go before cutting
+    it to the declared size, so a member declaring 1 MiB could still cost gigabytes.
+    """
+
+    def __init__(self, raw: BinaryIO, name: str, cap: int, budget: _Budget | None = None):
+        super().__init__()
+        self._raw, self._name, self._cap, self._budget = raw, name, cap, budget
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._raw.seek(offset, whence)
+        self._check()
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        # One byte past the cap is asked for, so a file of exactly `cap` bytes passes and a longer one does not.
+        data = self._raw.read(max(0, min(len(buffer), self._cap + 1 - self._pos)))
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        if self._budget is not None:
+            self._budget.take(n)
+        self._check()
+        return n
+
+    def _check(self) -> None:
+        if self._pos > self._cap:
+            raise DatasetError(f"'{self._name}' holds more than {self._cap} bytes, the limit for one file")
 
 
 def _is_hidden(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _zip_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
+def _declared_entries(path: Path) -> int | None:
+    """Entry count in a zip's end record, read before zipfile builds an object for every entry."""
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DatasetError(f"'{path.name}' is not a readable .zip archive ({exc})") from None
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # the end record parser zipfile itself uses (handles zip64)
+    except (AttributeError, OSError):
+        return None
+    return None if end is None else int(end[zipfile._ECD_ENTRIES_TOTAL])
+
+
+@contextlib.contextmanager
+def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, lock: threading.Lock) -> Iterator[BinaryIO]:
+    """A zip member opened for reading from any thread (zipfile counts open members without a lock)."""
+    with lock:
+        member = archive.open(info)
+    try:
+        yield member  # type: ignore[misc]
+    finally:
+        with lock:
+            member.close()
+
+
+def _zip_entries(archive: zipfile.ZipFile, limits: LoadLimits) -> list[_Entry]:
     entries: list[_Entry] = []
+    lock = threading.Lock()
     total = 0
     infos = archive.infolist()
     if len(infos) > limits.max_files:
@@ -261,17 +389,24 @@ def _zip_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
             continue
         if pure.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
+        # Declared sizes refuse an honest bomb before anything is inflated; _Capped holds a lying one.
+        if info.file_size > limits.max_member_bytes:
+            raise DatasetError(
+                f"archive member '{name}' expands to {info.file_size} bytes, more than the limit of "
+                f"{limits.max_member_bytes} bytes for one file"
+            )
         total += info.file_size
         if total > limits.max_total_bytes:
             raise DatasetError(
                 f"archive expands to more than {limits.max_total_bytes} bytes, the limit for uncompressed data"
             )
-        entries.append(_Entry(pure, (lambda n=name: archive.read(n))))
+        entries.append(_Entry(pure, functools.partial(_open_member, archive, info, lock), spool=True))
     return entries
 
 
 def _folder_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
     entries: list[_Entry] = []
+    total = 0
     for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         for fname in sorted(filenames):
@@ -279,7 +414,20 @@ def _folder_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
             rel = PurePosixPath(full.relative_to(path).as_posix())
             if _is_hidden(rel.parts) or rel.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            entries.append(_Entry(rel, full.read_bytes))
+            try:
+                size = full.stat().st_size
+            except OSError as exc:
+                raise DatasetError(f"cannot read image '{rel}' ({exc.strerror or exc})") from None
+            if size > limits.max_member_bytes:
+                raise DatasetError(
+                    f"'{rel}' holds {size} bytes, more than the limit of {limits.max_member_bytes} bytes for one file"
+                )
+            total += size
+            if total > limits.max_total_bytes:
+                raise DatasetError(
+                    f"the images hold more than {limits.max_total_bytes} bytes, the limit for uncompressed data"
+                )
+            entries.append(_Entry(rel, functools.partial(open, full, "rb")))
             if len(entries) > limits.max_files:
                 raise DatasetError(f"folder holds more than {limits.max_files} images, the limit")
     return entries
@@ -305,35 +453,83 @@ def _class_layout(paths: list[PurePosixPath]) -> tuple[list[PurePosixPath], list
     return stripped, None
 
 
-def decode_image(data: bytes, name: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
-    """Decode one image from bytes, refusing non-images, corrupt files and decompression bombs."""
+@contextlib.contextmanager
+def _image_errors(name: str) -> Iterator[None]:
+    """Turn what Pillow and zipfile raise for a bad file into a DatasetError naming it."""
     try:
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise DatasetError(f"image '{name}' declares {w}x{h} pixels, more than the limit of {max_pixels}")
-        img.load()
-        return img.convert(mode)
+        yield
     except DatasetError:
         raise
     except Image.DecompressionBombError:
         raise DatasetError(f"image '{name}' declares too many pixels (a decompression bomb)") from None
     except UnidentifiedImageError:
         raise DatasetError(f"file '{name}' is not a readable image") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DatasetError(f"image '{name}' is corrupt or truncated ({exc})") from None
 
 
+def open_image(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """Open an image lazily (header only) and refuse it when its header declares more than `max_pixels`.
+
+    Call inside `_image_errors`; the pixels are decoded by a later `load()`.
+    """
+    img = Image.open(fp, formats=PIL_FORMATS)
+    w, h = img.size
+    if w * h > max_pixels:
+        raise DatasetError(f"image '{name}' declares {w}x{h} pixels, more than the limit of {max_pixels}")
+    return img
+
+
+class PixelBudgetError(DatasetError):
+    """The images of one call declare more pixels to decode than `LoadLimits.max_total_pixels`."""
+
+
+_JPEG_FORMATS = ("JPEG", "MPO")
+
+
+def _draft_request(w: int, h: int, size: int) -> tuple[int, int] | None:
+    """The size to ask a JPEG's decoder for: its shorter side at least twice `size` (None: full size)."""
+    scale = 2.0 * size / min(w, h)
+    return None if scale >= 1 else (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
+
+
+def _draft(img: Image.Image, size: int) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode), which costs a fraction of a full decode."""
+    if img.format in _JPEG_FORMATS and (request := _draft_request(*img.size, size)):
+        img.draft(None, request)
+
+
+def decode_pixels(w: int, h: int, fmt: str | None, size: int) -> int:
+    """Pixels a decode for a `size` x `size` output produces: all of them, or a JPEG's at draft scale."""
+    request = _draft_request(w, h, size) if fmt in _JPEG_FORMATS else None
+    if request is None:
+        return w * h
+    fit = min(w // request[0], h // request[1])
+    scale = next(s for s in (8, 4, 2, 1) if fit >= s)  # the scales Pillow's JPEG draft offers
+    return math.ceil(w / scale) * math.ceil(h / scale)
+
+
+def _check_total_pixels(total: int, limits: LoadLimits, what: str) -> None:
+    if limits.max_total_pixels is not None and total > limits.max_total_pixels:
+        raise PixelBudgetError(
+            f"{what} declare {total} pixels to decode, more than the limit of {limits.max_total_pixels}"
+        )
+
+
 def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and centre-crop to a square."""
+    """Centre-crop to a square and resize it to `size` in one step.
+
+    The crop is taken in source coordinates, so a very long, thin image never becomes a huge
+    intermediate, and large images are first shrunk by an integer factor (see `_REDUCING_GAP`).
+    """
     w, h = img.size
     if (w, h) == (size, size):
         return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return img.resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=_REDUCING_GAP
+    )
 
 
 def pil_to_uint8(img: Image.Image) -> np.ndarray:
@@ -342,50 +538,229 @@ def pil_to_uint8(img: Image.Image) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def load_image_folder(path: Path, image_size: int | None = None, limits: LoadLimits | None = None) -> ImageSet:
-    """Decode a folder or .zip of images (ImageFolder layout, or flat for unlabelled images)."""
-    limits = limits or LoadLimits()
-    if path.is_file():
-        if path.suffix.lower() != ".zip":
-            raise DatasetError(f"'{path.name}' is a file but not a .zip archive")
-        entries = _zip_entries(path, limits)
-    else:
-        entries = _folder_entries(path, limits)
+def _equal_channels(rgb: Image.Image, rows: int = 256) -> bool:
+    """True when R == G == B everywhere; compared a band of rows at a time, not on a full copy."""
+    w, h = rgb.size
+    for top in range(0, h, rows):
+        a = np.asarray(rgb.crop((0, top, w, min(h, top + rows))))
+        if not ((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()):
+            return False
+    return True
+
+
+def _gray_or_rgb(img: Image.Image) -> tuple[bool, Image.Image]:
+    """(grayscale?, the image as L when it is, RGB otherwise): an RGB image whose channels are all equal
+    counts as grayscale, so it gives the same pixels as the same picture saved as L."""
+    if img.mode == "L":
+        return True, img
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    if _equal_channels(rgb):
+        return True, rgb.convert("L")
+    return False, rgb
+
+
+def ordered_map(fn: Callable[[int], T], count: int, workers: int = DECODE_WORKERS) -> Iterator[T]:
+    """fn(0), fn(1), ... fn(count - 1), yielded in order, computed by a few threads.
+
+    At most 2 x `workers` calls are submitted at once, so a million entries never become a million
+    futures, and results wait only while they are small. The first failure in order is raised.
+    """
+    if workers <= 1 or count <= 1:
+        yield from (fn(i) for i in range(count))
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nnm-decode") as pool:
+        window: deque[Future[T]] = deque()
+        submitted = 0
+        try:
+            while submitted < count or window:
+                while submitted < count and len(window) < 2 * workers:
+                    window.append(pool.submit(fn, submitted))
+                    submitted += 1
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def _entry_stream(entry: _Entry, limits: LoadLimits, budget: _Budget | None) -> Iterator[BinaryIO]:
+    """The entry's bytes, capped and counted; a zip member is first inflated in chunks into a spool."""
+    name = str(entry.relpath)
+    with _image_errors(name), entry.open() as raw:
+        capped: Any = _Capped(raw, name, limits.max_member_bytes, budget)
+        if not entry.spool:
+            yield capped
+            return
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
+            while chunk := capped.read(_CHUNK):
+                spool.write(chunk)
+            spool.seek(0)
+            yield spool  # type: ignore[misc]
+
+
+def _read_header(entry: _Entry, limits: LoadLimits) -> tuple[int, int, str | None]:
+    """(width, height, format) from the entry's header, refusing it when over the pixel limit; decodes nothing."""
+    name = str(entry.relpath)
+    # A decode slot here too: some formats (WebP) read the whole file while opening.
+    with _decode_slots, _image_errors(name), entry.open() as raw:
+        capped: Any = _Capped(raw, name, limits.max_member_bytes)
+        img = open_image(capped, name, limits.max_image_pixels)
+        return img.size[0], img.size[1], img.format
+
+
+def _decode_entry(
+    entry: _Entry, limits: LoadLimits, budget: _Budget, size: int, resize: bool, colour: threading.Event
+) -> tuple[bool, np.ndarray | None]:
+    """Decode one entry (holding a decode slot): (grayscale?, its (C, size, size) pixels or None).
+
+    Once `colour` is set (some image of the set has colour), the set is RGB whatever this image is,
+    so the grayscale check is skipped.
+    """
+    name = str(entry.relpath)
+    with _decode_slots, _entry_stream(entry, limits, budget) as fp, _image_errors(name):
+        img = open_image(fp, name, limits.max_image_pixels)
+        _draft(img, size)
+        img.load()
+        if colour.is_set():
+            gray, img = False, img if img.mode == "RGB" else img.convert("RGB")
+        else:
+            gray, img = _gray_or_rgb(img)
+            if not gray:
+                colour.set()
+        return gray, pil_to_uint8(fit_square(img, size)) if resize else None
+
+
+def _scan(
+    path: Path, archive: zipfile.ZipFile | None, limits: LoadLimits, image_size: int | None
+) -> tuple[list[_Entry], int]:
+    """Entries of a folder or open archive, and the side chosen from their headers (see `load_image_folder`)."""
+    entries = _zip_entries(archive, limits) if archive is not None else _folder_entries(path, limits)
     if not entries:
         raise DatasetError(f"no images found in '{path}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    relpaths, classes = _class_layout([e.relpath for e in entries])
+    headers = list(ordered_map(lambda i: _read_header(entries[i], limits), len(entries)))
+    sizes = {(w, h) for w, h, _ in headers}
+    only = next(iter(sizes))
+    side = only[0] if len(sizes) == 1 and only[0] == only[1] and only[0] <= 256 else DEFAULT_FOLDER_SIZE
+    target = image_size or side
+    _check_total_pixels(sum(decode_pixels(w, h, fmt, target) for w, h, fmt in headers), limits, "the images")
+    return entries, side
 
-    def decode(i: int) -> Image.Image:
-        return decode_image(entries[i].read(), str(entries[i].relpath), limits.max_image_pixels)
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        decoded = list(pool.map(decode, range(len(entries)), chunksize=256))
-    sizes = {im.size for im in decoded}
-    gray = all(_is_grayscale(im) for im in decoded)
-    target = image_size
-    if target is None:
-        only = next(iter(sizes))
-        target = only[0] if len(sizes) == 1 and only[0] == only[1] and only[0] <= 256 else DEFAULT_FOLDER_SIZE
-    channels = 1 if gray else 3
-    images = np.empty((len(decoded), channels, target, target), dtype=np.uint8)
-    for i, im in enumerate(decoded):
-        im = fit_square(im.convert("L" if gray else "RGB"), target)
-        images[i] = pil_to_uint8(im)
+@contextlib.contextmanager
+def _open_folder(path: Path, limits: LoadLimits) -> Iterator[zipfile.ZipFile | None]:
+    """The open archive for a .zip path (closed afterwards), None for a folder."""
+    if not path.is_file():
+        yield None
+        return
+    if path.suffix.lower() != ".zip":
+        raise DatasetError(f"'{path.name}' is a file but not a .zip archive")
+    declared = _declared_entries(path)
+    if declared is not None and declared > limits.max_files:
+        # zipfile builds an object per entry while opening: count them before it does.
+        raise DatasetError(f"archive has {declared} entries, more than the limit of {limits.max_files}")
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"'{path.name}' is not a readable .zip archive ({exc})") from None
+    with archive:
+        yield archive
+
+
+def _budget_words(archive: zipfile.ZipFile | None) -> str:
+    return "archive expands to more than" if archive is not None else "the images hold more than"
+
+
+def load_image_folder(path: Path, image_size: int | None = None, limits: LoadLimits | None = None) -> ImageSet:
+    """Decode a folder or .zip of images (ImageFolder layout, or flat for unlabelled images).
+
+    Every image becomes a square of side `image_size` (default: the images' own side when all are the
+    same square of at most 256 pixels, else `DEFAULT_FOLDER_SIZE`), in one channel when every image is
+    grayscale. Peak memory is the output plus a few images being decoded (`DECODE_WORKERS`).
+    """
+    limits = limits or LoadLimits()
+    with _open_folder(path, limits) as archive:
+        entries, side = _scan(path, archive, limits, image_size)
+        relpaths, classes = _class_layout([e.relpath for e in entries])
+        target = image_size or side
+        budget, colour = _Budget(limits.max_total_bytes, _budget_words(archive)), threading.Event()
+        n = len(entries)
+        # Grayscale until an image says otherwise: the output then grows to 3 channels once.
+        out = np.empty((n, 1, target, target), dtype=np.uint8)
+        decoded = ordered_map(lambda i: _decode_entry(entries[i], limits, budget, target, True, colour), n)
+        for i, (gray, pixels) in enumerate(decoded):
+            if not gray and out.shape[1] == 1:
+                rgb_out = np.empty((n, 3, target, target), dtype=np.uint8)
+                rgb_out[:i] = out[:i]
+                out = rgb_out
+            out[i] = pixels  # a grayscale image fills all three channels of a colour set
     labels = None
     if classes is not None:
         index = {c: k for k, c in enumerate(classes)}
         labels = np.array([index[p.parts[0]] for p in relpaths], dtype=np.int64)
     names = [str(e.relpath) for e in entries]
     return ImageSet(
-        torch.from_numpy(images), None if labels is None else torch.from_numpy(labels), classes, names, source=str(path)
+        torch.from_numpy(out), None if labels is None else torch.from_numpy(labels), classes, names, source=str(path)
     )
 
 
-def _is_grayscale(img: Image.Image) -> bool:
-    if img.mode == "L":
-        return True
-    arr = np.asarray(img)
-    return bool(arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+def inspect_image_folder(path: Path, limits: LoadLimits | None = None) -> FolderSummary:
+    """Check a folder or .zip as `load_image_folder` would load it, without keeping any pixels.
+
+    Every image is decoded (so corrupt ones are found now, not in a job) one at a time per decode slot;
+    memory stays at a few images whatever the number of images.
+    """
+    limits = limits or LoadLimits()
+    with _open_folder(path, limits) as archive:
+        entries, side = _scan(path, archive, limits, None)
+        _, classes = _class_layout([e.relpath for e in entries])
+        budget, colour = _Budget(limits.max_total_bytes, _budget_words(archive)), threading.Event()
+        for _ in ordered_map(lambda i: _decode_entry(entries[i], limits, budget, side, False, colour), len(entries)):
+            pass
+        gray = not colour.is_set()
+    return FolderSummary(len(entries), side, 1 if gray else 3, classes, [str(e.relpath) for e in entries])
+
+
+def image_cost(source: ImageSource, name: str, size: int, max_pixels: int) -> int:
+    """Pixels decoding one image for a `size` x `size` output will produce, from its header alone.
+
+    Refuses the image when its header declares more than `max_pixels`; decodes nothing.
+    """
+    with _decode_slots, _image_errors(name), _source_stream(source, name) as fp:
+        img = open_image(fp, name, max_pixels)
+        return decode_pixels(img.size[0], img.size[1], img.format, size)
+
+
+def load_square(source: ImageSource, name: str, size: int, mode: str, max_pixels: int) -> np.ndarray:
+    """One image as a (C, size, size) uint8 array in `mode` ("L" or "RGB"), decoded at reduced cost.
+
+    `source` is encoded bytes, a path, or a binary file (read from its start, left open). The header is
+    checked against `max_pixels` before decoding; a JPEG is decoded at reduced scale; the image is
+    cropped and resized at once, holding a decode slot meanwhile.
+    """
+    with _decode_slots, _image_errors(name), _source_stream(source, name) as fp:
+        img = open_image(fp, name, max_pixels)
+        _draft(img, size)
+        img.load()
+        if img.mode != mode:
+            img = img.convert(mode)
+        return pil_to_uint8(fit_square(img, size))
+
+
+@contextlib.contextmanager
+def _source_stream(source: ImageSource, name: str) -> Iterator[BinaryIO]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        yield io.BytesIO(source)
+    elif isinstance(source, os.PathLike):
+        try:
+            f = open(source, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise DatasetError(f"cannot read image '{name}' ({exc.strerror or exc})") from None
+        with f:
+            yield f
+    else:
+        if source.seekable():
+            source.seek(0)
+        yield source
 
 
 def resize_batch(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
