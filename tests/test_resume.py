@@ -1,5 +1,6 @@
 """Checkpoints: round trip, resume after an interruption, refusal of foreign checkpoints."""
 
+import json
 import os
 import signal
 import subprocess
@@ -100,3 +101,45 @@ def test_cli_resumes_after_kill_9(tmp_path):
     assert (out / "done.json").exists() and (out / "model.pt").exists()
     # No temporary files are left behind.
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_marker_is_trusted_only_with_the_files_it_lists(tmp_path, small_digits):
+    """A stage whose marker is there but whose files are missing or altered (an upload or a download
+    that stopped part-way) runs again instead of being skipped; the marker goes up last and lists them."""
+    cfg = CFG.model_copy(update={"epochs": 1})
+    out = tmp_path / "p"
+    run_pretext(cfg, small_digits, out, RT)
+    reference = (out / "model.pt").read_bytes()
+    (out / "model.pt").unlink()
+    run_pretext(cfg, small_digits, out, RT)
+    assert (out / "model.pt").exists(), "a stage whose model is missing was skipped"
+    assert (out / "model.pt").read_bytes() == reference  # trained again, deterministically
+    assert set(json.loads((out / "done.json").read_text())["files"]) == {"model.pt", "meta.json"}
+    (out / "meta.json").write_text((out / "meta.json").read_text().replace("{", "{ ", 1))  # same file, altered
+    mtime = (out / "model.pt").stat().st_mtime_ns
+    run_pretext(cfg, small_digits, out, RT)
+    assert (out / "model.pt").stat().st_mtime_ns != mtime  # not trusted: the stage ran again
+    # A marker from before files were listed is trusted as it was.
+    done = json.loads((out / "done.json").read_text())
+    del done["files"]
+    (out / "done.json").write_text(json.dumps(done))
+    mtime = (out / "model.pt").stat().st_mtime_ns
+    run_pretext(cfg, small_digits, out, RT)
+    assert (out / "model.pt").stat().st_mtime_ns == mtime
+
+
+def test_upload_dir_puts_the_marker_last(tmp_path):
+    from nnm.service.storage import LocalStore, upload_dir
+
+    for name in ("done.json", "meta.json", "model.pt", "zz/late.bin"):
+        (tmp_path / "stage" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "stage" / name).write_bytes(b"x")
+    order: list[str] = []
+
+    class Recording(LocalStore):
+        def put_file(self, key, path):
+            order.append(key.rsplit("/", 1)[-1] if "zz/" not in key else "zz/late.bin")
+            return super().put_file(key, path)
+
+    upload_dir(Recording(tmp_path / "store"), tmp_path / "stage", "jobs/j/a1/pretext")
+    assert order == ["meta.json", "model.pt", "zz/late.bin", "done.json"]

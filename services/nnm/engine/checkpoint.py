@@ -7,6 +7,7 @@ previous complete file or the new complete file, never half of one. Everything i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -44,6 +45,15 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in blocks (stage markers list their files' digests; stages chain them)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -189,7 +199,12 @@ class StageDir:
             )
 
     def completed(self) -> dict[str, Any] | None:
-        """The completion summary when this stage already finished with the same fingerprint."""
+        """The completion summary when this stage already finished with the same fingerprint.
+
+        The marker lists the stage's files with their sizes and digests; when one is missing or
+        differs (an upload or download that stopped part-way), the stage is not complete and runs
+        again, resuming from its checkpoint if there is one.
+        """
         if not self.done_path.exists():
             return None
         try:
@@ -197,10 +212,40 @@ class StageDir:
         except (OSError, json.JSONDecodeError):
             return None  # an unreadable marker is not trusted: the stage runs again
         self._check_fingerprint(done.get("fingerprint"), "finished run")
+        if not self.files_match(done.get("files")):
+            return None
         return done.get("summary", {})
 
+    def _output_files(self) -> list[Path]:
+        """The stage's outputs: every file but the marker, the checkpoint and temporary files."""
+        return sorted(
+            p for p in self.path.rglob("*")
+            if p.is_file() and p.name not in {"done.json", "checkpoint.pt"} and not p.name.endswith(".tmp")
+        )
+
+    def files_match(self, files: dict[str, Any] | None) -> bool:
+        """Whether the listed outputs are all present with their recorded size and sha256.
+
+        Markers written before files were listed (None) are trusted as they were.
+        """
+        if files is None:
+            return True
+        for rel, want in files.items():
+            path = self.path / rel
+            if not path.is_file() or path.stat().st_size != want.get("size") or file_digest(path) != want.get("sha256"):
+                return False
+        return True
+
     def mark_done(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.done_path, {"stage": self.stage, "fingerprint": self.fingerprint, "summary": summary})
+        """Write the completion marker, listing the outputs it vouches for, and drop the checkpoint."""
+        files = {
+            p.relative_to(self.path).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+            for p in self._output_files()
+        }
+        atomic_write_json(
+            self.done_path,
+            {"stage": self.stage, "fingerprint": self.fingerprint, "summary": summary, "files": files},
+        )
         self.checkpoint_path.unlink(missing_ok=True)
 
     def resume(self, components: Mapping[str, Any], sink: ProgressSink | None = None) -> tuple[int, dict]:

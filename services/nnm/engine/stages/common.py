@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
 
 import torch
 
+from ..checkpoint import file_digest
 from ..progress import ProgressEvent, ProgressSink, StepTimer
 
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, to chain a stage's fingerprint to the outputs it consumed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["EpochMeter", "file_digest"]
 
 
 class EpochMeter:
