@@ -11,16 +11,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
-import time
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
-from .db import ApiKeyRow, JobRow, new_id, utcnow
+from .db import ApiKeyRow, JobRow, UploadEventRow, new_id, utcnow
 from .repository import JobStore
 
-SCOPES = ("read", "write")
+#: `read` for GET, `write` for everything else, `metrics` for Prometheus' /metrics (global job counts).
+SCOPES = ("read", "write", "metrics")
 KEY_PREFIX = "nnm_"
 
 
@@ -74,6 +74,11 @@ class KeyStore:
         with self.jobs.session() as s:
             return bool(s.scalar(select(func.count()).select_from(ApiKeyRow).where(ApiKeyRow.revoked_at.is_(None))))
 
+    def any_ever(self) -> bool:
+        """Whether a key was ever created, revoked ones included (auto mode stays closed after that)."""
+        with self.jobs.session() as s:
+            return s.scalar(select(ApiKeyRow.id).limit(1)) is not None
+
     def list(self) -> list[ApiKeyRow]:
         with self.jobs.session() as s:
             return list(s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
@@ -99,22 +104,26 @@ def active_jobs(jobs: JobStore, owner: str) -> dict[str, int]:
         return {status: n for status, n in rows}
 
 
-class RateLimiter:
-    """Per-key token buckets (in this gateway process) for uploads."""
+class UploadLimiter:
+    """Uploads per minute per owner, counted in the job store so that every gateway replica shares
+    one budget (a sliding window of the last 60 s)."""
 
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
+    WINDOW_S = 60.0
 
-    def take(self, key: str, per_minute: int) -> float:
-        """Take one token; returns 0 when allowed, else the seconds until one is available."""
-        rate = per_minute / 60.0
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(key, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / rate
+    def __init__(self, jobs: JobStore):
+        self.jobs = jobs
+
+    def take(self, owner: str, per_minute: int) -> float:
+        """Record one upload; returns 0 when allowed, else the seconds until one is allowed again."""
+        now = utcnow()
+        since = now - timedelta(seconds=self.WINDOW_S)
+        with self.jobs.owner_lock("upload", owner) as s:
+            s.execute(delete(UploadEventRow).where(UploadEventRow.owner == owner, UploadEventRow.at < since))
+            times = list(s.scalars(select(UploadEventRow.at).where(UploadEventRow.owner == owner,
+                                                                    UploadEventRow.at >= since)
+                                   .order_by(UploadEventRow.at)))
+            if len(times) >= per_minute:
+                oldest = times[len(times) - per_minute]
+                return max(0.1, (oldest - since).total_seconds())
+            s.add(UploadEventRow(owner=owner, at=now))
+            return 0.0

@@ -3,7 +3,12 @@
 Configured for long jobs: late acks and requeue when a worker process is lost, one message at a time,
 one task per pool process, JSON only, and a broker visibility timeout above the hard time limit so
 a long job is not delivered twice while it runs. Postgres, not the broker, says whether a job runs:
-a redelivered message for a finished or running job is a no-op.
+a redelivered message for a finished job, or for a running job with a fresh heartbeat, is a no-op.
+
+That is why a running task survives a lost broker connection (a Redis restart or a network blip):
+the runner watches its training child and writes heartbeats to Postgres, neither needs the broker,
+and the late acknowledgement goes over the new connection. Cancelling the task instead would kill
+its training and cost the job an attempt for nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ def make_celery(broker_url: str | None = None) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker blip must not kill running training (see the module docstring); a message the
+        # broker hands out again meanwhile is a no-op for a job whose heartbeat is fresh.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_soft_shutdown_timeout=10.0,
         worker_hijack_root_logger=False,
     )
@@ -101,6 +108,14 @@ class ShutdownFlag:
 def _clear_shutdown_flag(**_: object) -> None:
     settings = load_settings()
     shutdown_flag_path(settings.work_dir, os.getpid()).unlink(missing_ok=True)
+
+
+@worker_ready.connect
+def _start_liveness_beat(**_: object) -> None:
+    """The liveness probe reads this file's age (nnm.service.liveness), not the broker."""
+    from .liveness import LivenessBeat, heartbeat_path
+
+    LivenessBeat(heartbeat_path(load_settings().work_dir)).start()
 
 
 @worker_shutting_down.connect

@@ -2,7 +2,10 @@
 
 Training runs in a child of the worker task (not inside Celery's prefork process), so DataLoader
 workers and torch multiprocessing work and a cancelled or stuck job can be killed as a process
-group. The outcome goes to WORKDIR/result.json; the exit status says which kind it is.
+group. WORKDIR is the job's directory on this machine (the dataset and backbone it downloads, kept
+between attempts because their paths are part of the stages' fingerprints); the attempt writes its
+outputs and its outcome (`result.json`) in `WORKDIR/a{ATTEMPT}`, a directory of its own. The exit
+status says which kind of outcome it is.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_LOST = 0, 2, 3, 4
 
 
-def _write_result(workdir: Path, result: dict) -> None:
+def attempt_dir(workdir: Path, attempt: int) -> Path:
+    """The directory of one attempt inside the job's work directory: no other attempt writes there."""
+    return workdir / f"a{attempt}"
+
+
+def _write_result(workdir: Path, attempt: int, result: dict) -> None:
     from nnm.engine.checkpoint import atomic_write_json
 
-    atomic_write_json(workdir / "result.json", result)
+    atomic_write_json(attempt_dir(workdir, attempt) / "result.json", result)
 
 
 def die_with_parent() -> None:
@@ -55,10 +63,10 @@ def main(argv: list[str]) -> int:
         if job is None or job.attempt != attempt:
             return EXIT_LOST
         result = run_job_stages(ctx, job, attempt, workdir)
-        _write_result(workdir, {"status": "succeeded", **result})
+        _write_result(workdir, attempt, {"status": "succeeded", **result})
         return EXIT_OK
     except (Cancelled, KeyboardInterrupt):
-        _write_result(workdir, {"status": "cancelled"})
+        _write_result(workdir, attempt, {"status": "cancelled"})
         return EXIT_CANCELLED
     except JobLost:
         return EXIT_LOST
@@ -66,6 +74,7 @@ def main(argv: list[str]) -> int:
         kind = getattr(exc, "kind", "invalid-input")
         _write_result(
             workdir,
+            attempt,
             {
                 "status": "failed",
                 "error": {"type": f"urn:nnm:problem:{kind}", "title": "Job failed", "status": 422, "detail": str(exc)},
@@ -75,6 +84,7 @@ def main(argv: list[str]) -> int:
     except StorageError as exc:
         _write_result(
             workdir,
+            attempt,
             {
                 "status": "failed",
                 "retry": True,
@@ -91,6 +101,7 @@ def main(argv: list[str]) -> int:
         logging.error("job %s crashed:\n%s", job_id, traceback.format_exc())
         _write_result(
             workdir,
+            attempt,
             {
                 "status": "failed",
                 "error": {

@@ -73,6 +73,8 @@ class DatasetRow(Base):
     classes: Mapped[list[Any] | None] = mapped_column(JSON)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Set by DELETE: the images are gone, the row stays for the jobs and models made from it.
+    deleted_at: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (Index("ix_datasets_owner_created", "owner", "created_at", "id"),)
 
@@ -87,6 +89,8 @@ class JobRow(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The engine configuration resolved when the job was submitted (preset and device fixed then).
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(16), default="gpu")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
@@ -157,6 +161,18 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[datetime | None] = mapped_column()
 
 
+class UploadEventRow(Base):
+    """One upload attempt of an owner: the rate limit counts these, so every gateway replica sees it."""
+
+    __tablename__ = "upload_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_upload_events_owner_at", "owner", "at"),)
+
+
 class EventRow(Base):
     __tablename__ = "job_events"
 
@@ -181,7 +197,11 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # A stalled or unreachable Postgres must fail a request within seconds, not hold it (and a
+    # worker thread) for the kernel's TCP timeout: connect timeout, and a bounded wait for the pool.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, pool_timeout=10,
+                         connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

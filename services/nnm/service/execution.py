@@ -3,6 +3,12 @@ job store and the artifact store.
 
 Outputs are uploaded as each stage finishes, and a running stage's checkpoint every
 `checkpoint_upload_interval_s`, so another worker can resume the job where this one stopped.
+
+Every attempt writes under its own prefix, `jobs/{id}/a{attempt}/`, and records what it wrote as
+artifact rows only while it still owns the job (`JobStore.add_artifacts` checks the attempt). A
+worker cut off from Postgres that keeps training after its job was taken over therefore writes
+objects nobody reads: the rows, which resume and the API follow, point at the current attempt's.
+A stage's completion marker is uploaded after its files and checked against them on resume.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +33,12 @@ from nnm.engine.pipeline import run_pipeline
 from nnm.engine.progress import ProgressEvent, ProgressSink
 from nnm.engine.stages import run_cluster, run_evaluate, run_mine, run_pretext, run_selflabel
 
+from .child import attempt_dir
 from .context import ServiceContext
 from .db import JobRow, utcnow
-from .jobspec import BACKBONE_PREFIX, INPUT_STAGE, STAGES, dataset_spec, resolve
+from .jobspec import BACKBONE_PREFIX, INPUT_STAGE, STAGES, backbone_key, dataset_spec, resolve, uploaded_backbone
 from .retry import is_transient, retry_db
-from .storage import download_prefix, upload_dir
+from .storage import download_items, download_prefix, upload_dir
 
 log = logging.getLogger("nnm.worker")
 
@@ -38,7 +46,60 @@ HEADLINE_METRICS = ("acc", "nmi", "ari", "top5", "num_images", "num_clusters", "
 
 
 def job_prefix(job_id: str) -> str:
+    """Every object of a job is under this prefix (deleting a job deletes it)."""
     return f"jobs/{job_id}"
+
+
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    """Where one attempt of a job writes; no other attempt writes there."""
+    return f"{job_prefix(job_id)}/a{attempt}"
+
+
+#: Stage directories of a job's outputs: artifact names `{stage}/...`.
+STAGE_DIRS = ("pretext", "mine", "cluster", "selflabel")
+#: `jobs/{id}/a{attempt}/{stage}/checkpoint.pt`, or `jobs/{id}/{stage}/checkpoint.pt` from before attempts
+#: had prefixes (attempt 0).
+_CHECKPOINT_KEY = re.compile(r"^jobs/[^/]+/(?:a(\d+)/)?([a-z]+)/checkpoint\.pt$")
+_ATTEMPT_KEY = re.compile(r"^jobs/[^/]+/a(\d+)/")
+
+
+def key_attempt(key: str) -> int:
+    """The attempt that wrote an object of a job (0 for keys from before attempt prefixes)."""
+    m = _ATTEMPT_KEY.match(key)
+    return int(m.group(1)) if m else 0
+
+
+def restore_stages(ctx: ServiceContext, job_id: str, stages: tuple[str, ...], out: Path) -> tuple[set[str], int]:
+    """Download the finished `stages` of a job into `out/{stage}` from what its artifact rows record.
+
+    Returns (the stages found finished, the newest attempt that wrote any of their files). A stage
+    counts as finished when its completion marker is recorded: a stage's rows are written in one
+    transaction, after all its files were uploaded.
+    """
+    rows = [a for a in ctx.jobs.artifacts(job_id) if "/" in a.name and a.name.split("/", 1)[0] in stages]
+    finished = {a.name.split("/", 1)[0] for a in rows if a.name.count("/") == 1 and a.name.endswith("/done.json")}
+    items = [(a.name, a.key, a.size) for a in rows if a.name.split("/", 1)[0] in finished]
+    download_items(ctx.store, items, out)
+    return finished, max((key_attempt(key) for _, key, _ in items), default=0)
+
+
+def restore_job(ctx: ServiceContext, job_id: str, attempt: int, out: Path) -> None:
+    """Resume state for `attempt`: the job's finished stages, and the newest checkpoint of each other stage.
+
+    A checkpoint is taken only from an attempt no older than the finished stages' files: an older
+    one may have been trained on outputs that are no longer the recorded ones.
+    """
+    finished, floor = restore_stages(ctx, job_id, STAGE_DIRS, out)
+    newest: dict[str, tuple[int, str]] = {}
+    for key in ctx.store.list(f"{job_prefix(job_id)}/"):
+        m = _CHECKPOINT_KEY.match(key)
+        if m is None or m.group(2) in finished:
+            continue
+        written_by = int(m.group(1) or 0)
+        if floor <= written_by < attempt and written_by > newest.get(m.group(2), (-1, ""))[0]:
+            newest[m.group(2)] = (written_by, key)
+    for stage, (_, key) in newest.items():
+        ctx.store.get_file(key, out / stage / "checkpoint.pt")
 
 
 class JobLost(Exception):
@@ -96,22 +157,40 @@ class ServiceSink(ProgressSink):
         if time.monotonic() - self.last_upload >= interval:
             ckpt = self.out / stage / "checkpoint.pt"
             if ckpt.exists():
-                self.ctx.store.put_file(f"{job_prefix(self.job_id)}/{stage}/checkpoint.pt", ckpt)
+                self.ctx.store.put_file(f"{attempt_prefix(self.job_id, self.attempt)}/{stage}/checkpoint.pt", ckpt)
             self.last_upload = time.monotonic()
 
     def stage_finished(self, stage: str, summary: dict[str, Any]) -> None:
         directory = self.out / stage
         if directory.is_dir():
             self.upload(directory, f"{stage}")
-            self.ctx.store.delete_prefix(f"{job_prefix(self.job_id)}/{stage}/checkpoint.pt")
+            self._drop_checkpoints(stage)
         self._set_stage(stage, "succeeded")
 
+    def _drop_checkpoints(self, stage: str) -> None:
+        """Delete the finished stage's checkpoints: this attempt's and older ones, never a newer attempt's."""
+        for key in self.ctx.store.list(f"{job_prefix(self.job_id)}/"):
+            m = _CHECKPOINT_KEY.match(key)
+            if m is not None and m.group(2) == stage and int(m.group(1) or 0) <= self.attempt:
+                self.ctx.store.delete_prefix(key)
+
+    def _record(self, rows: list[tuple[str, str, int]], replace_prefix: str | None = None) -> None:
+        """Record artifacts, or stop with JobLost when this attempt no longer owns the job."""
+        if not retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, rows, attempt=self.attempt,
+                                                            replace_prefix=replace_prefix), "record artifacts"):
+            raise JobLost()
+
     def upload(self, directory: Path, name_prefix: str) -> None:
-        prefix = f"{job_prefix(self.job_id)}/{name_prefix}".rstrip("/")
+        """Upload a directory under this attempt's prefix (marker last) and record it as `name_prefix/...`.
+
+        The directory's rows replace all earlier rows under `name_prefix/`, so a stage's recorded files
+        always come from one attempt.
+        """
+        prefix = f"{attempt_prefix(self.job_id, self.attempt)}/{name_prefix}".rstrip("/")
         items = upload_dir(self.ctx.store, directory, prefix, skip=("checkpoint.pt",))
         base = f"{name_prefix}/" if name_prefix else ""
         rows = [(f"{base}{rel}", f"{prefix}/{rel}", size) for rel, size in items]
-        retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, rows), "record artifacts")
+        self._record(rows, replace_prefix=base or None)
 
     def message(self, text: str) -> None:
         log.info("%s", text)
@@ -122,9 +201,9 @@ class ServiceSink(ProgressSink):
                 raise
 
     def upload_files(self, paths: list[Path]) -> None:
-        prefix = job_prefix(self.job_id)
+        prefix = attempt_prefix(self.job_id, self.attempt)
         items = [(p.name, f"{prefix}/{p.name}", self.ctx.store.put_file(f"{prefix}/{p.name}", p)) for p in paths]
-        retry_db(lambda: self.ctx.jobs.add_artifacts(self.job_id, items), "record artifacts")
+        self._record(items)
 
     def should_stop(self) -> bool:
         if os.getppid() != self.parent:  # the worker died (no PDEATHSIG here): stop, nobody waits for us
@@ -146,7 +225,11 @@ def _materialize_dataset(ctx: ServiceContext, dataset: Any, workdir: Path) -> st
 def _limits(ctx: ServiceContext) -> LoadLimits:
     s = ctx.settings
     return LoadLimits(
-        max_files=s.max_images, max_total_bytes=s.max_uncompressed_bytes, max_image_pixels=s.max_image_pixels
+        max_files=s.max_images,
+        max_total_bytes=s.max_uncompressed_bytes,
+        max_image_pixels=s.max_image_pixels,
+        max_member_bytes=s.max_member_bytes,
+        max_total_pixels=s.max_upload_pixels,
     )
 
 
@@ -155,23 +238,25 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
     dataset = ctx.jobs.get_dataset(job.dataset_id)
     if dataset is None:
         raise NNMError(f"dataset {job.dataset_id} no longer exists")
-    out = workdir / "out"
+    # This attempt's own directory (the dataset and backbone stay in `workdir`, shared by attempts):
+    # resume from the finished stages as recorded and the newest usable checkpoint, never from what
+    # another attempt left on this machine.
+    out = attempt_dir(workdir, attempt) / "out"
     out.mkdir(parents=True, exist_ok=True)
-    # Resume: whatever this job already uploaded (finished stages, the last checkpoint).
-    download_prefix(ctx.store, job_prefix(job.id), out)
+    restore_job(ctx, job.id, attempt, out)
     spec = _materialize_dataset(ctx, dataset, workdir)
     params = job.params
     init = (params.get("pretext") or {}).get("init") if isinstance(params.get("pretext"), dict) else None
     if isinstance(init, str) and init.startswith(BACKBONE_PREFIX):  # an uploaded backbone: fetch it
         local = workdir / "backbone.pt"
-        if not local.exists():
-            ctx.store.get_file(f"backbones/{job.owner}/{init[len(BACKBONE_PREFIX):]}.pt", local)
+        if not local.exists():  # checked again here: the id is an id, and only the owner's is reachable
+            ctx.store.get_file(backbone_key(job.owner, uploaded_backbone(init) or ""), local)
         params = {**params, "pretext": {**params["pretext"], "init": str(local)}}
     cfg: PipelineConfig = resolve(dataset, params, ctx.settings.device, spec=spec)
     inputs = job.inputs or {}
     for name, stage in INPUT_STAGE.items():
         if inputs.get(name) and not (out / stage / "done.json").exists():
-            download_prefix(ctx.store, f"{job_prefix(inputs[name])}/{stage}", out / stage)
+            restore_stages(ctx, inputs[name], (stage,), out)
     stages = [s for s in STAGES[job.type] if s != "selflabel" or cfg.selflabel.enabled]
     sink = ServiceSink(ctx, job, attempt, out, stages)
     rt = cfg.runtime
@@ -201,9 +286,10 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
         sink.stage_finished("evaluate", metrics)
     else:  # evaluate
         model_row = ctx.jobs.get_model(inputs["model_id"])
-        download_prefix(ctx.store, model_row.key_prefix, workdir / "model")
+        model_dir = attempt_dir(workdir, attempt) / "input-model"
+        download_prefix(ctx.store, model_row.key_prefix, model_dir)
         sink.stage_started("evaluate", 1, 1)
-        metrics = run_evaluate(TrainedModel.load(workdir / "model"), data_for(), out, cfg.evaluate, rt)
+        metrics = run_evaluate(TrainedModel.load(model_dir), data_for(), out, cfg.evaluate, rt)
         sink.stage_finished("evaluate", metrics)
 
     # Final files: metrics, pictures, assignments (top level of `out`) and the model.
@@ -213,15 +299,18 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
     model_id = None
     if (out / "model" / "model.json").exists() and job.type != "evaluate":
         info = json.loads((out / "model" / "model.json").read_text())
-        row = ctx.jobs.add_model(
+        row = ctx.jobs.add_model_for_attempt(
+            attempt,
             owner=job.owner,
             job_id=job.id,
             dataset_id=job.dataset_id,
-            key_prefix=f"{job_prefix(job.id)}/model",
+            key_prefix=f"{attempt_prefix(job.id, attempt)}/model",  # where `sink.upload` just put it
             clusters=info["clusters"],
             class_names=info.get("class_names"),
             metrics={k: metrics[k] for k in HEADLINE_METRICS if metrics and k in metrics},
         )
+        if row is None:
+            raise JobLost()
         model_id = row.id
     return {"metrics": _jsonable_metrics(metrics), "model_id": model_id}
 

@@ -6,6 +6,7 @@ Validation happens in the gateway (so bad parameters get a 422 at once) and agai
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,49 @@ def traits_of(row: DatasetRow) -> DatasetTraits:
     )
 
 
+#: Settings that name places on the worker; the service decides them, never the caller.
+WORKER_PATHS = {"data": ("root", "dataset")}
+#: Ids the service issues: a prefix, an underscore and 32 hex digits (nothing that could be a path).
+ID_PATTERN = re.compile(r"^[a-z]{2,4}_[0-9a-f]{32}$")
+
+
+def _refuse_worker_paths(params: dict[str, Any]) -> None:
+    for section, keys in WORKER_PATHS.items():
+        given = params.get(section)
+        for key in keys:
+            if isinstance(given, dict) and key in given:
+                raise SpecError(422, f"params.{section}.{key} cannot be set through the API (the service chooses it)",
+                                [{"loc": ["params", section, key], "msg": "not allowed"}])
+
+
+def submitted_params(params: dict[str, Any], device: str) -> dict[str, Any]:
+    """`params` with the preset and the device fixed at submission, so that whichever worker claims the
+    job trains exactly what the API showed (`auto` is resolved here, by the gateway, not by a worker).
+
+    `device` is the training workers' device (NNM_DEVICE of the gateway; `auto` detects this machine's).
+    """
+    if not isinstance(params, dict):
+        raise SpecError(422, "params must be a JSON object", [{"loc": ["params"], "msg": "not an object"}])
+    runtime = params.get("runtime", {})
+    if not isinstance(runtime, dict):
+        raise SpecError(422, "params.runtime must be an object",
+                        [{"loc": ["params", "runtime"], "msg": "not an object"}])
+    chosen = runtime.get("device", device)
+    if chosen == "auto":
+        from nnm.engine.runtime import resolve_device
+
+        chosen = resolve_device("auto").type
+    preset = params.get("preset", "auto")
+    if preset == "auto":
+        preset = "nnm" if chosen == "cuda" else "cpu"
+    return {**params, "preset": preset, "runtime": {**runtime, "device": chosen}}
+
+
 def resolve(row: DatasetRow, params: dict[str, Any], device: str, spec: str | None = None) -> PipelineConfig:
     """The engine configuration of a job: preset for the dataset, `params` on top."""
     if not isinstance(params, dict):
         raise SpecError(422, "params must be a JSON object", [{"loc": ["params"], "msg": "not an object"}])
+    _refuse_worker_paths(params)
     overrides = {k: v for k, v in params.items() if k != "preset"}
     preset = params.get("preset", "auto")
     if not isinstance(preset, str):
@@ -174,10 +214,24 @@ def _same_data(job: JobRow, dataset: DatasetRow, store: JobStore, stage: str) ->
 BACKBONE_PREFIX = "backbone:"
 
 
-def uploaded_backbone(cfg: PipelineConfig) -> str | None:
-    """The id of an uploaded backbone named by `pretext.init = "backbone:<id>"`, if any."""
-    init = cfg.pretext.init
-    return init[len(BACKBONE_PREFIX) :] if init and init.startswith(BACKBONE_PREFIX) else None
+def uploaded_backbone(init: str | None) -> str | None:
+    """The id of an uploaded backbone named by `pretext.init = "backbone:<id>"`; None for no init.
+
+    Raises SpecError for anything else, ids that are not ids included (`backbone:../../jobs/...`).
+    """
+    if not init:
+        return None
+    backbone = init[len(BACKBONE_PREFIX) :] if init.startswith(BACKBONE_PREFIX) else None
+    if backbone is None or not ID_PATTERN.match(backbone) or not backbone.startswith("bb_"):
+        raise SpecError(422, "params.pretext.init must name an uploaded backbone ('backbone:<id>' with the id "
+                        "POST /v1/backbones returned)",
+                        [{"loc": ["params", "pretext", "init"], "msg": "not an uploaded backbone"}])
+    return backbone
+
+
+def backbone_key(owner: str, backbone: str) -> str:
+    """Where an owner's uploaded backbone is stored: under the owner's prefix, so no one else's is reachable."""
+    return f"backbones/{owner}/{backbone}.pt"
 
 
 def validate_job(
@@ -191,14 +245,18 @@ def validate_job(
     artifacts: Any = None,
 ) -> PipelineConfig:
     """All checks of a new job; returns the resolved engine configuration."""
+    for name, value in inputs.items():
+        if value is not None and not ID_PATTERN.match(str(value)):
+            raise SpecError(422, f"inputs.{name}: '{str(value)[:80]}' is not an id this service issued",
+                            [{"loc": ["inputs", name], "msg": "not an id"}])
     check_inputs(job_type, inputs, dataset, owner, store)
     cfg = resolve(dataset, params, device)
-    if cfg.pretext.init and job_type in {"pipeline", "pretext"}:
-        backbone = uploaded_backbone(cfg)
-        if backbone is None:
-            raise SpecError(422, "params.pretext.init must name an uploaded backbone ('backbone:<id>')",
-                            [{"loc": ["params", "pretext", "init"], "msg": "not an uploaded backbone"}])
-        if artifacts is not None and not artifacts.exists(f"backbones/{owner}/{backbone}.pt"):
+    backbone = uploaded_backbone(cfg.pretext.init)
+    if backbone is not None:
+        if job_type not in {"pipeline", "pretext"}:
+            raise SpecError(422, f"params.pretext.init: a {job_type} job trains no backbone",
+                            [{"loc": ["params", "pretext", "init"], "msg": "not used by this job type"}])
+        if artifacts is not None and not artifacts.exists(backbone_key(owner, backbone)):
             raise SpecError(422, f"params.pretext.init: no uploaded backbone '{backbone}'",
                             [{"loc": ["params", "pretext", "init"], "msg": "unknown backbone"}])
     if job_type in {"pipeline", "cluster", "mine"}:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from .context import ServiceContext
@@ -23,8 +24,23 @@ TASK_NAME = "nnm.run_job"
 class JobQueue(Protocol):
     def enqueue(self, job_id: str, queue: str, delay_s: float = 0) -> None: ...
     def pending_job_ids(self) -> set[str] | None: ...
+    def broker_messages(self) -> BrokerMessages | None: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
+
+
+@dataclass
+class BrokerMessages:
+    """What the broker holds: jobs with a message waiting in a queue, and the last time (unix seconds)
+    a worker received a message, not yet acknowledged, for each job."""
+
+    waiting: set[str]
+    delivered_at: dict[str, float]
+
+
+def _job_ids(raw: bytes | str) -> set[str]:
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return {"job_" + part[:32] for part in text.split("job_")[1:]}
 
 
 class CeleryQueue:
@@ -43,21 +59,29 @@ class CeleryQueue:
 
         None when the broker cannot be inspected; the reconciler then trusts its records.
         """
+        messages = self.broker_messages()
+        return None if messages is None else messages.waiting | set(messages.delivered_at)
+
+    def broker_messages(self) -> BrokerMessages | None:
+        """The jobs with a message waiting in a queue, and when a worker last received one for each job
+        whose message is delivered but not yet acknowledged (kombu's `unacked` hash, whose index holds
+        the delivery times). None when the broker cannot be inspected."""
         try:
             with self.app.connection_for_read() as conn:
                 client = conn.default_channel.client
-                raw: list[bytes] = []
+                waiting: set[str] = set()
                 for queue in QUEUES:
-                    raw += client.lrange(queue, 0, -1)
-                raw += list(client.hvals("unacked"))
+                    for raw in client.lrange(queue, 0, -1):
+                        waiting |= _job_ids(raw)
+                delivered_at: dict[str, float] = {}
+                times = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+                tags = list(times)
+                for tag, raw in zip(tags, client.hmget("unacked", tags) if tags else [], strict=True):
+                    for job_id in _job_ids(raw or b""):
+                        delivered_at[job_id] = max(delivered_at.get(job_id, 0.0), float(times[tag]))
         except Exception:
             return None
-        ids = set()
-        for item in raw:
-            text = item.decode(errors="replace") if isinstance(item, bytes) else str(item)
-            for part in text.split("job_")[1:]:
-                ids.add("job_" + part[:32])
-        return ids
+        return BrokerMessages(waiting, delivered_at)
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
@@ -111,6 +135,9 @@ class LocalQueue:
 
     def pending_job_ids(self) -> set[str] | None:
         return None  # the in-process queue is rebuilt from the job store at start-up
+
+    def broker_messages(self) -> BrokerMessages | None:
+        return None
 
     def ping(self) -> None:
         if self.stop.is_set():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,14 @@ TERMINAL = tuple(s.value for s in TERMINAL_STATUSES)
 
 class IdempotencyConflict(Exception):
     """Same Idempotency-Key with another request body."""
+
+
+class TooManyJobs(Exception):
+    """The owner already has as many queued or running jobs as allowed."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"limit of {limit} queued or running jobs reached")
+        self.limit = limit
 
 
 class IdempotencyInFlight(Exception):
@@ -65,14 +74,30 @@ class JobStore:
         self.url = url
         self.engine = make_engine(url)
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
+        self._local_lock = threading.RLock()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self.sessions() as s, s.begin():
             yield s
 
+    @contextmanager
+    def owner_lock(self, purpose: str, owner: str) -> Iterator[Session]:
+        """A transaction holding an exclusive lock on (`purpose`, `owner`) until it ends, so a
+        count-then-insert limit holds under concurrent requests from any number of gateways.
+
+        Postgres: a transaction-scoped advisory lock. SQLite (embedded, one process): a process lock,
+        and the database serialises writers anyway.
+        """
+        with self.sessions() as s, s.begin():
+            if s.bind.dialect.name == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"{purpose}:{owner}"})
+                yield s
+            else:
+                with self._local_lock:
+                    yield s
+
     def ping(self) -> None:
-        from sqlalchemy import text
 
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -89,12 +114,15 @@ class JobStore:
         return row
 
     def get_dataset(self, dataset_id: str, owner: str | None = None) -> DatasetRow | None:
+        """A dataset; with `owner` (API callers) only theirs and not deleted."""
         with self.session() as s:
             row = s.get(DatasetRow, dataset_id)
-            return row if row is not None and (owner is None or row.owner == owner) else None
+            if row is None or (owner is not None and (row.owner != owner or row.deleted_at is not None)):
+                return None
+            return row
 
     def list_datasets(self, owner: str, cursor: str | None, limit: int) -> tuple[list[DatasetRow], str | None]:
-        return self._page(DatasetRow, [DatasetRow.owner == owner], cursor, limit)
+        return self._page(DatasetRow, [DatasetRow.owner == owner, DatasetRow.deleted_at.is_(None)], cursor, limit)
 
     def _page(self, model: Any, filters: list, cursor: str | None, limit: int) -> tuple[list, str | None]:
         query = select(model).where(*filters)
@@ -121,8 +149,15 @@ class JobStore:
         max_attempts: int,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        max_active: int | None = None,
+        config: dict | None = None,
     ) -> tuple[JobRow, bool]:
-        """Insert a queued job; returns (job, created). An Idempotency-Key replays the first job."""
+        """Insert a queued job; returns (job, created). An Idempotency-Key replays the first job.
+
+        With `max_active`, a new job is refused (`TooManyJobs`) while the owner already has that many
+        queued or running jobs: counted and inserted under the owner's lock, so concurrent requests
+        cannot overshoot, and a fresh Idempotency-Key per request does not skip it (only a replay does).
+        """
         if idempotency_key:
             existing = self._by_idempotency_key(owner, idempotency_key)
             if existing is not None:
@@ -142,11 +177,20 @@ class JobStore:
             stages=[],
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            config=config,
             created_at=now,
             updated_at=now,
         )
         try:
-            with self.session() as s:
+            with self.owner_lock("jobs", owner) as s:
+                dataset = s.get(DatasetRow, dataset_id)
+                if dataset is None or dataset.deleted_at is not None:  # deleted since the request was checked
+                    raise LookupError(f"no dataset '{dataset_id}'")
+                if max_active is not None:
+                    active = s.scalar(select(func.count()).select_from(JobRow).where(
+                        JobRow.owner == owner, JobRow.status.in_(ACTIVE)))
+                    if active >= max_active:
+                        raise TooManyJobs(max_active)
                 s.add(row)
                 s.flush()  # the event row references the job
                 s.add(EventRow(job_id=row.id, kind="created", detail=None))
@@ -394,15 +438,31 @@ class JobStore:
 
     # ------------------------------------------------------------------ artifacts and models
 
-    def add_artifacts(self, job_id: str, items: Sequence[tuple[str, str, int]]) -> None:
-        """Record (name, key, size) artifacts of a job; re-recording a name updates it."""
+    def add_artifacts(self, job_id: str, items: Sequence[tuple[str, str, int]], *, attempt: int,
+                      replace_prefix: str | None = None) -> bool:
+        """Record (name, key, size) artifacts that `attempt` wrote; re-recording a name updates it.
+
+        Only while `attempt` is the job's current attempt and the job is running or cancelling, checked
+        in the same transaction that writes the rows (which holds the job's row, so a takeover waits
+        for it): a worker that lost its job cannot repoint the artifacts of the attempt that took over.
+        With `replace_prefix`, earlier rows under that prefix that `items` does not name are removed,
+        so the recorded files of a stage all come from one attempt. False when `attempt` is not current.
+        """
         with self.session() as s:
+            if not self._hold_attempt(s, job_id, attempt):
+                return False
             existing = {a.name: a for a in s.scalars(select(ArtifactRow).where(ArtifactRow.job_id == job_id))}
+            names = {name for name, _, _ in items}
             for name, key, size in items:
                 if name in existing:
                     existing[name].key, existing[name].size = key, size
                 else:
                     s.add(ArtifactRow(job_id=job_id, name=name, key=key, size=size))
+            if replace_prefix:
+                for name, row in existing.items():
+                    if name.startswith(replace_prefix) and name not in names:
+                        s.delete(row)
+        return True
 
     def artifacts(self, job_id: str) -> list[ArtifactRow]:
         with self.session() as s:
@@ -412,16 +472,17 @@ class JobStore:
         with self.session() as s:
             return s.scalar(select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.name == name))
 
-    def add_model(self, **fields: Any) -> ModelRow:
-        with self.session() as s:
-            existing = s.scalar(select(ModelRow).where(ModelRow.job_id == fields["job_id"]))
-            if existing is not None:
-                for k, v in fields.items():
-                    setattr(existing, k, v)
-                return existing
-            row = ModelRow(id=new_id("mdl"), **fields)
-            s.add(row)
-            return row
+    @staticmethod
+    def _upsert_model(s: Session, fields: dict[str, Any]) -> ModelRow:
+        """Create the job's model row, or update it (a job has at most one model)."""
+        existing = s.scalar(select(ModelRow).where(ModelRow.job_id == fields["job_id"]))
+        if existing is not None:
+            for k, v in fields.items():
+                setattr(existing, k, v)
+            return existing
+        row = ModelRow(id=new_id("mdl"), **fields)
+        s.add(row)
+        return row
 
     def get_model(self, model_id: str, owner: str | None = None) -> ModelRow | None:
         with self.session() as s:
@@ -430,3 +491,138 @@ class JobStore:
 
     def list_models(self, owner: str, cursor: str | None, limit: int) -> tuple[list[ModelRow], str | None]:
         return self._page(ModelRow, [ModelRow.owner == owner], cursor, limit)
+
+    # ------------------------------------------------------------------ deletion and retention
+
+    def _active_users(self, s: Session, owner: str, job_id: str | None = None, model_id: str | None = None,
+                      dataset_id: str | None = None) -> list[str]:
+        """Ids of the owner's queued or running jobs that need this job, model or dataset."""
+        active = list(s.scalars(select(JobRow).where(JobRow.owner == owner, JobRow.status.in_(ACTIVE))))
+        users = []
+        for job in active:
+            refs = set((job.inputs or {}).values())
+            if (job_id and job_id in refs) or (model_id and model_id in refs) or (
+                    dataset_id and job.dataset_id == dataset_id):
+                users.append(job.id)
+        return users
+
+    def delete_dataset(self, dataset_id: str, owner: str) -> tuple[str, DatasetRow | None, list[str]]:
+        """Mark an owner's dataset deleted: ("deleted", row, []), ("missing", None, []) or
+        ("in-use", row, ids of the queued or running jobs that still need it). The caller removes its files."""
+        with self.owner_lock("jobs", owner) as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None or row.owner != owner or row.deleted_at is not None:
+                return "missing", None, []
+            users = self._active_users(s, owner, dataset_id=dataset_id)
+            if users:
+                return "in-use", row, users
+            row.deleted_at = utcnow()
+            return "deleted", row, []
+
+    def delete_job(self, job_id: str, owner: str) -> tuple[str, JobRow | None, list[str]]:
+        """Delete an owner's finished job with its artifact records, events and model:
+        ("deleted", row, []), ("missing", None, []), ("active", row, []) while it is queued or running,
+        or ("in-use", row, ids of active jobs that use it as an input). The caller removes its files."""
+        with self.owner_lock("jobs", owner) as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.owner != owner:
+                return "missing", None, []
+            if row.status in ACTIVE:
+                return "active", row, []
+            models = list(s.scalars(select(ModelRow.id).where(ModelRow.job_id == job_id)))
+            users = self._active_users(s, owner, job_id=job_id)
+            for model_id in models:
+                users += self._active_users(s, owner, model_id=model_id)
+            if users:
+                return "in-use", row, sorted(set(users))
+            s.execute(delete(ArtifactRow).where(ArtifactRow.job_id == job_id))
+            s.execute(delete(EventRow).where(EventRow.job_id == job_id))
+            s.execute(delete(ModelRow).where(ModelRow.job_id == job_id))
+            s.delete(row)
+            return "deleted", row, []
+
+    def delete_model(self, model_id: str, owner: str) -> tuple[str, ModelRow | None, list[str]]:
+        """Delete an owner's model (its job stays, without the model): results as `delete_job`'s."""
+        with self.owner_lock("jobs", owner) as s:
+            row = s.get(ModelRow, model_id)
+            if row is None or row.owner != owner:
+                return "missing", None, []
+            users = self._active_users(s, owner, model_id=model_id)
+            if users:
+                return "in-use", row, users
+            s.execute(delete(ArtifactRow).where(ArtifactRow.job_id == row.job_id, ArtifactRow.name.like("model/%")))
+            s.execute(update(JobRow).where(JobRow.id == row.job_id).values(model_id=None))
+            s.delete(row)
+            return "deleted", row, []
+
+    def expire_artifacts(self, older_than: datetime, keep: Sequence[str] = ("metrics.json",),
+                         limit: int = 100) -> list[tuple[str, list[str]]]:
+        """Forget the artifacts of jobs that finished before `older_than`, except the model and `keep`;
+        returns [(job id, the store keys to delete)]. Jobs an active job still uses are skipped."""
+        out: list[tuple[str, list[str]]] = []
+        with self.session() as s:
+            candidates = list(s.scalars(
+                select(JobRow).where(JobRow.status.in_(TERMINAL), JobRow.finished_at < older_than,
+                                     JobRow.id.in_(select(ArtifactRow.job_id).where(
+                                         ~ArtifactRow.name.like("model/%"), ArtifactRow.name.not_in(list(keep)))))
+                .limit(limit)))
+        for job in candidates:
+            with self.owner_lock("jobs", job.owner) as s:
+                models = list(s.scalars(select(ModelRow.id).where(ModelRow.job_id == job.id)))
+                if self._active_users(s, job.owner, job_id=job.id) or any(
+                        self._active_users(s, job.owner, model_id=m) for m in models):
+                    continue
+                rows = list(s.scalars(select(ArtifactRow).where(
+                    ArtifactRow.job_id == job.id, ~ArtifactRow.name.like("model/%"),
+                    ArtifactRow.name.not_in(list(keep)))))
+                for a in rows:
+                    s.delete(a)
+                s.add(EventRow(job_id=job.id, kind="artifacts-expired", detail=json.dumps({"count": len(rows)})))
+                out.append((job.id, [a.key for a in rows]))
+        return out
+
+    # ------------------------------------------------------------------ fencing by attempt, republishing
+
+    def _hold_attempt(self, s: Session, job_id: str, attempt: int) -> bool:
+        """Within `s`: whether `attempt` still owns the job (running or cancelling), holding the job's
+        row until `s` ends.
+
+        A no-op UPDATE rather than SELECT ... FOR UPDATE: it takes the row lock on Postgres and the
+        write lock on SQLite alike, so a claim by another worker waits until `s` commits.
+        """
+        res = s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.attempt == attempt,
+                   JobRow.status.in_((JobStatus.running.value, JobStatus.cancelling.value)))
+            .values(updated_at=utcnow())
+        )
+        return res.rowcount == 1
+
+    def add_model_for_attempt(self, attempt: int, **fields: Any) -> ModelRow | None:
+        """Create or update the job's model, only while `attempt` owns the job; else None."""
+        with self.session() as s:
+            if not self._hold_attempt(s, fields["job_id"], attempt):
+                return None
+            return self._upsert_model(s, fields)
+
+    def take_republish(self, job: JobRow) -> datetime | None:
+        """Take the turn to publish `job` again, as it was read: a compare-and-set of `enqueued_at` on
+        the row's status, attempt, heartbeat and `enqueued_at`, so that of several reconcilers (one per
+        gateway replica) that read the same row, one publishes. Returns the new `enqueued_at`, or None
+        when another reconciler got there first or the job moved on (claimed, heartbeat, finished)."""
+
+        def same(column: Any, value: datetime | None) -> Any:
+            return column.is_(None) if value is None else column == value
+
+        now = utcnow()
+        ok = self._update(
+            job.id,
+            [JobRow.status == job.status, JobRow.attempt == job.attempt,
+             same(JobRow.heartbeat_at, job.heartbeat_at), same(JobRow.enqueued_at, job.enqueued_at)],
+            enqueued_at=now,
+        )
+        return now if ok else None
+
+    def release_republish(self, job_id: str, taken: datetime, previous: datetime | None) -> None:
+        """Undo `take_republish` after the publish failed, so that the next pass tries again."""
+        self._update(job_id, [JobRow.enqueued_at == taken], enqueued_at=previous)

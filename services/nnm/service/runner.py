@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from api_schemas import JobStatus
 
-from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK
+from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK, attempt_dir
 from .context import ServiceContext
 from .retry import is_transient, retry_db
 from .storage import StorageError
@@ -77,8 +77,11 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
         return claim.job.status if claim.job else None
     attempt = claim.attempt
     workdir = settings.work_dir / job_id
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "result.json").unlink(missing_ok=True)
+    # The attempt's own directory: a worker on this machine that lost the job (cut off from Postgres)
+    # may still be writing in an older attempt's. This one resumes from the store, not from that.
+    own = attempt_dir(workdir, attempt)
+    shutil.rmtree(own, ignore_errors=True)
+    own.mkdir(parents=True, exist_ok=True)
     log.info("job %s attempt %d starting", job_id, attempt)
     env = dict(os.environ)
     env["NNM_DATA_DIR"] = str(settings.data_dir.resolve())
@@ -98,10 +101,12 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
             error = {"type": "urn:nnm:problem:time-limit", "title": "Time limit exceeded", "status": 500,
                      "detail": f"the job ran longer than the limit of {settings.job_time_limit_s} s"}
             retry_db(lambda e=error: ctx.jobs.finish(job_id, attempt, JobStatus.failed.value, error=e), "finish")
+            shutil.rmtree(workdir, ignore_errors=True)
             return JobStatus.failed.value
         if stop is not None and stop.is_set():
             _kill_group(proc, settings.cancel_grace_s)
             retry_db(lambda: ctx.jobs.release(job_id, attempt, "worker shutting down"), f"release {job_id}")
+            shutil.rmtree(own, ignore_errors=True)
             raise ShutdownRequested(job_id)
         if time.monotonic() - last_beat < 5.0:
             continue
@@ -115,14 +120,18 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
             continue
         if status is None:  # another worker owns the job now
             _kill_group(proc, 0)
+            shutil.rmtree(own, ignore_errors=True)
             return None
         if status == JobStatus.cancelling.value:
             cancel_seen = cancel_seen or time.monotonic()
             if time.monotonic() - cancel_seen > settings.cancel_grace_s:
                 _kill_group(proc, settings.cancel_grace_s)
     code = proc.returncode
-    return retry_db(lambda: _finish(ctx, job_id, attempt, code, workdir), f"record the outcome of {job_id}",
-                    timeout_s=3600)
+    try:
+        return retry_db(lambda: _finish(ctx, job_id, attempt, code, workdir), f"record the outcome of {job_id}",
+                        timeout_s=3600)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)  # the child has exited; a next attempt restores from the store
 
 
 #: The output that proves each job type finished (uploaded last by the child).
@@ -131,18 +140,18 @@ PROOF = {"pretext": "pretext/done.json", "mine": "mine/done.json", "cluster": "m
 
 
 def _outputs_present(ctx: ServiceContext, job_id: str, job_type: str) -> bool:
-    """No job is marked succeeded whose artifacts are missing from the store."""
+    """No job is marked succeeded whose artifacts are missing from the store (where its rows point)."""
+    row = ctx.jobs.artifact(job_id, PROOF[job_type])
     try:
-        return ctx.jobs.artifact(job_id, PROOF[job_type]) is not None and ctx.store.exists(
-            f"jobs/{job_id}/{PROOF[job_type]}")
+        return row is not None and ctx.store.exists(row.key)
     except StorageError:
         return False
 
 
 def _finish(ctx: ServiceContext, job_id: str, attempt: int, code: int, workdir: Path) -> str | None:
     result = {}
-    if (workdir / "result.json").exists():
-        result = json.loads((workdir / "result.json").read_text())
+    if (attempt_dir(workdir, attempt) / "result.json").exists():
+        result = json.loads((attempt_dir(workdir, attempt) / "result.json").read_text())
     job = ctx.jobs.get_job(job_id)
     if code == EXIT_LOST or job is None or job.attempt != attempt:
         return None

@@ -41,9 +41,24 @@ class Settings(BaseModel):
     stream_limit_bytes: int = Field(32 * 1024 * 1024, ge=0)
     max_upload_bytes: int = Field(1024**3, ge=1)
     max_images: int = Field(200_000, ge=1)
-    max_image_pixels: int = Field(16_000_000, ge=1)
-    max_uncompressed_bytes: int = Field(8 * 1024**3, ge=1)
+    #: Pixels of one image, read from its header before decoding (4096 x 4096; a decoded RGB image of
+    #: that size is 48 MiB, and the gateway decodes only a few at once).
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    #: Bytes an uploaded archive's images may expand to, all together. Members are inflated in chunks,
+    #: never whole, so this bounds inflating work and temporary disk, not memory: 2 GiB is twice the
+    #: largest upload, room for BMP/PPM sets that zip compresses well.
+    max_uncompressed_bytes: int = Field(2 * 1024**3, ge=1)
+    #: Bytes one image file in an archive may expand to (a 4096 x 4096 RGBA image stored raw is 64 MiB).
+    max_member_bytes: int = Field(128 * 1024**2, ge=1)
+    #: Pixels the images of one uploaded dataset may decode to together, read from their headers before
+    #: any is decoded (2**34, about 17 billion: 340,000 images of 224 x 224, or minutes of decoding; it
+    #: bounds the gateway's CPU time per upload, as the caps above bound its memory and disk).
+    max_upload_pixels: int = Field(2**34, ge=1)
     max_assign_files: int = Field(512, ge=1)
+    #: Pixels the images of one assign request may decode to together, read from their headers: the
+    #: gateway decodes them while the caller waits (2**30: 64 images at the pixel limit; JPEGs count
+    #: at the reduced scale they are decoded at).
+    max_assign_pixels: int = Field(1024**3, ge=1)
     #: Attempts before a job whose worker keeps dying is failed.
     job_max_attempts: int = Field(3, ge=1)
     #: A running job whose heartbeat is older than this may be taken over by another worker.
@@ -66,6 +81,10 @@ class Settings(BaseModel):
     default_max_running_jobs: int = Field(2, ge=1)
     default_max_queued_jobs: int = Field(100, ge=1)
     default_uploads_per_minute: int = Field(30, ge=1)
+    #: Largest body of a request that is not an upload (JSON job requests and the like).
+    max_json_bytes: int = Field(1024 * 1024, ge=1024)
+    #: Days after which a finished job's artifacts are deleted (the job's record and metrics stay); 0 keeps them.
+    artifact_retention_days: float = Field(0, ge=0)
     #: Seconds between passes of the reconciler in the gateway (0 disables it).
     reconcile_interval_s: float = Field(15.0, ge=0)
 

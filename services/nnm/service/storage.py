@@ -1,7 +1,9 @@
 """Artifact storage behind one small interface: a local directory or any S3 server (minio SDK).
 
-Keys are deterministic (`datasets/{id}/...`, `jobs/{id}/{stage}/...`), so a retried upload
-overwrites the same object and a re-run job finds its earlier outputs.
+Dataset keys are deterministic (`datasets/{id}/...`). A job's outputs go under a prefix of the attempt
+that made them (`jobs/{id}/a{attempt}/{stage}/...`), so a worker that lost its job cannot overwrite
+what the attempt that took over wrote; the job's artifact rows in the job store say which objects
+count (see `nnm.service.execution`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -32,6 +35,7 @@ class ArtifactStore(Protocol):
     def size(self, key: str) -> int | None: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete_prefix(self, prefix: str) -> None: ...
+    def delete(self, key: str) -> None: ...
     def presign(self, key: str, expires_s: int) -> str | None: ...
     def ping(self) -> None: ...
 
@@ -70,7 +74,10 @@ class LocalStore:
         if not src.is_file():
             raise StorageError(f"object '{key}' does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, path)
+        # Renamed into place (as minio's fget_object does): a concurrent reader never sees half a file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
 
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
@@ -110,6 +117,10 @@ class LocalStore:
             shutil.rmtree(base)
         elif base.is_file():
             base.unlink()
+
+    def delete(self, key: str) -> None:
+        """Delete one object (no error when it is already gone)."""
+        self._path(key).unlink(missing_ok=True)
 
     def presign(self, key: str, expires_s: int) -> str | None:
         return None  # files are streamed by the API
@@ -239,6 +250,10 @@ class S3Store:
         for key in self.list(prefix):
             self._retry(f"deletion of {key}", lambda k=key: self.client.remove_object(self.bucket, k))
 
+    def delete(self, key: str) -> None:
+        """Delete one object (S3 answers success when it is already gone)."""
+        self._retry(f"deletion of {key}", lambda: self.client.remove_object(self.bucket, key))
+
     def presign(self, key: str, expires_s: int) -> str | None:
         return self.public.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expires_s))
 
@@ -256,12 +271,25 @@ def make_store(settings: Settings) -> ArtifactStore:
     return LocalStore(settings.data_dir / "artifacts")
 
 
-def upload_dir(store: ArtifactStore, directory: Path, prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[str, int]]:
-    """Upload every file under `directory` to `prefix/<relative path>`; returns (relative name, size)."""
+def upload_dir(
+    store: ArtifactStore,
+    directory: Path,
+    prefix: str,
+    skip: tuple[str, ...] = (),
+    last: tuple[str, ...] = ("done.json",),
+) -> list[tuple[str, int]]:
+    """Upload every file under `directory` to `prefix/<relative path>`; returns (relative name, size).
+
+    Files named in `last` (a stage's completion marker) go up after all the others: an upload that
+    fails part-way never leaves a marker next to missing files.
+    """
+    files = [
+        p for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.endswith(".tmp") and p.name not in skip
+    ]
+    files.sort(key=lambda p: p.name in last)  # stable: sorted order, markers at the end
     out = []
-    for path in sorted(directory.rglob("*")):
-        if not path.is_file() or path.name.endswith(".tmp") or path.name in skip:
-            continue
+    for path in files:
         rel = path.relative_to(directory).as_posix()
         out.append((rel, store.put_file(f"{prefix}/{rel}", path)))
     return out
@@ -273,6 +301,22 @@ def download_prefix(store: ArtifactStore, prefix: str, directory: Path) -> int:
     for key in keys:
         store.get_file(key, directory / key[len(prefix.rstrip("/")) + 1 :])
     return len(keys)
+
+
+def download_items(store: ArtifactStore, items: list[tuple[str, str, int]], directory: Path) -> None:
+    """Download (name, key, size) items to `directory/name`, checking each file's size.
+
+    A size other than the recorded one raises StorageError: the caller retries the attempt rather
+    than resuming from a file that is not the one that was recorded.
+    """
+    root = directory.resolve()
+    for name, key, size in items:
+        dest = (directory / name).resolve()
+        if root not in dest.parents:
+            raise StorageError(f"artifact name '{name}' escapes the work directory")
+        store.get_file(key, dest)
+        if dest.stat().st_size != size:
+            raise StorageError(f"object '{key}' has {dest.stat().st_size} bytes, {size} were recorded")
 
 
 def copy_stream(src: BinaryIO, dest: Path, limit: int) -> int:
