@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,7 +57,7 @@ class BuiltinDatasetCreate(_Model):
     """JSON body of POST /v1/datasets for a built-in dataset."""
 
     builtin: BuiltinDataset
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")
     split: str | None = Field(None, max_length=40, description="e.g. 'test', 'train+unlabeled'")
 
 
@@ -81,18 +81,22 @@ class DatasetList(_Model):
     next_cursor: str | None = None
 
 
+#: An id as the API issues them, or anything the database can compare (no control characters).
+IdText = Annotated[str, Field(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
 class JobInputs(_Model):
     """Earlier results a job builds on (by job id; a pipeline job counts as having every stage)."""
 
-    pretext_job_id: str | None = None
-    mine_job_id: str | None = None
-    cluster_job_id: str | None = None
-    model_id: str | None = None
+    pretext_job_id: IdText | None = None
+    mine_job_id: IdText | None = None
+    cluster_job_id: IdText | None = None
+    model_id: IdText | None = None
 
 
 class JobCreate(_Model):
     type: JobType
-    dataset_id: str
+    dataset_id: IdText
     inputs: JobInputs = Field(default_factory=JobInputs)
     #: The engine's settings: {"preset": NAME, "pretext": {...}, "cluster": {...}, ...}.
     params: dict[str, Any] = Field(default_factory=dict)
@@ -129,7 +133,10 @@ class JobOut(_Model):
     status: JobStatus
     dataset_id: str
     inputs: JobInputs
+    #: The request's params with the preset and the device fixed at submission.
     params: dict[str, Any]
+    #: The whole engine configuration the job trains with, resolved when it was submitted.
+    config: dict[str, Any] | None = None
     attempt: int
     max_attempts: int
     stage: str | None = None

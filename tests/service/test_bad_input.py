@@ -117,6 +117,8 @@ def test_invalid_job_parameters(client, uploaded_digits, worker):
     expect_problem(post({"type": "pipeline", "dataset_id": ds, "params": {"preset": "nope"}}), 422, "unknown preset")
     expect_problem(post({"type": "pipeline", "dataset_id": "ds_unknown"}), 422, "no dataset")
     expect_problem(post({"type": "mine", "dataset_id": ds, "inputs": {"pretext_job_id": "job_unknown"}}), 422,
+                   "not an id")
+    expect_problem(post({"type": "mine", "dataset_id": ds, "inputs": {"pretext_job_id": "job_" + "0" * 32}}), 422,
                    "no job")
     expect_problem(post({"type": "pipeline", "dataset_id": ds, "params": {"pretext": {"init": "/etc/passwd"}}}), 422,
                    "uploaded backbone")

@@ -77,11 +77,12 @@ def test_pipeline_job_end_to_end(client: Client, worker, infra, tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
     metrics = json.loads(client.artifact(final["id"], "metrics.json"))
     assert metrics["acc"] == final["metrics"]["acc"]
-    # Artifacts live in S3 under deterministic keys.
+    # Artifacts live in S3 under deterministic keys: the job's prefix, then the attempt that wrote them.
     keys = {
         o.object_name for o in infra["s3"]["client"].list_objects("nnm", prefix=f"jobs/{final['id']}/", recursive=True)
     }
-    assert f"jobs/{final['id']}/confusion_matrix.png" in keys and f"jobs/{final['id']}/model/model.pt" in keys
+    prefix = f"jobs/{final['id']}/a{final['attempt']}"
+    assert f"{prefix}/confusion_matrix.png" in keys and f"{prefix}/model/model.pt" in keys
     # The model is listed and assigns uploaded images like `nnm assign` does with the same files.
     model = client.http.get(f"/v1/models/{final['model_id']}").json()
     assert model["clusters"] == 10 and model["job_id"] == final["id"]

@@ -56,7 +56,8 @@ def test_embedded_pipeline_assign_and_artifacts(embedded):
     with Image.open(io.BytesIO(client.artifact(final["id"], "prototypes.png"))) as im:
         im.load()
     assert (data_dir / "nnm.db").exists()
-    assert (data_dir / "artifacts" / "jobs" / final["id"] / "confusion_matrix.png").exists()
+    # Each attempt writes under its own prefix (a stale attempt can never overwrite the current one's files).
+    assert (data_dir / "artifacts" / "jobs" / final["id"] / f"a{final['attempt']}" / "confusion_matrix.png").exists()
     results = client.assign(final["model_id"], [("seven.png", digit_png(7)), ("zero.png", digit_png(0))])
     assert [r["filename"] for r in results] == ["seven.png", "zero.png"]
     assert all(0 <= r["cluster"] < 10 and 0 < r["confidence"] <= 1 for r in results)

@@ -14,9 +14,10 @@ from nnm import __version__
 from ..context import ServiceContext
 from ..queue import JobQueue, LocalQueue, make_queue
 from ..reconciler import Reconciler
+from ..retention import RetentionSweeper
 from . import problems
 from .deps import Gateway, authenticate
-from .limits import BodySizeLimit
+from .guard import RequestGuard
 from .model_cache import ModelCache
 from .routes_backbones import router as backbones_router
 from .routes_datasets import router as datasets_router
@@ -94,9 +95,14 @@ def create_app(
             reconcile_once(ctx, queue, republish_after_s=0)
         if reconciler:
             reconciler.start()
+        sweeper = RetentionSweeper(ctx) if ctx.settings.artifact_retention_days > 0 else None
+        if sweeper:
+            sweeper.start()
         try:
             yield
         finally:
+            if sweeper:
+                sweeper.stop()
             if reconciler:
                 reconciler.stop()
             queue.close()
@@ -105,9 +111,13 @@ def create_app(
     app = FastAPI(title="nnm", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx))
     problems.install(app)
+    # Authenticate and cap the body before any route (or FastAPI's JSON parsing) reads it. Added before
+    # the metrics middleware, so that one wraps it and counts the requests the guard refuses too.
+    app.add_middleware(RequestGuard, gateway=app.state.gateway, max_upload_bytes=ctx.settings.max_upload_bytes,
+                       max_json_bytes=ctx.settings.max_json_bytes)
     _metrics(app, ctx)
     app.include_router(health_router)
     for router in (datasets_router, jobs_router, models_router, backbones_router):
         app.include_router(router, dependencies=[Depends(authenticate)])
-    app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)
+
     return app

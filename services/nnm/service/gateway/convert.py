@@ -40,6 +40,7 @@ def job_out(row: JobRow, artifacts: list[ArtifactRow]) -> JobOut:
         dataset_id=row.dataset_id,
         inputs=JobInputs(**(row.inputs or {})),
         params=row.params or {},
+        config=row.config,
         attempt=row.attempt,
         max_attempts=row.max_attempts,
         stage=row.stage,

@@ -10,7 +10,7 @@ from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import ANONYMOUS, KeyStore, Principal, RateLimiter, principal_of
+from ..auth import ANONYMOUS, KeyStore, Principal, UploadLimiter, principal_of
 from ..context import ServiceContext
 from ..queue import JobQueue
 from .problems import ApiProblem
@@ -24,19 +24,24 @@ class Gateway:
     queue: JobQueue
     models: Any  # ModelCache
     keys: KeyStore = field(init=False)
-    uploads: RateLimiter = field(default_factory=RateLimiter)
+    uploads: UploadLimiter = field(init=False)
     _keys_checked: float = field(default=-1e9, init=False)
     _keys_exist: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.keys = KeyStore(self.ctx.jobs)
+        self.uploads = UploadLimiter(self.ctx.jobs)
 
     def keys_required(self) -> bool:
+        """Whether anonymous callers are refused. In auto mode: once any key has ever existed, for good
+        (revoking the last key must not open the service again)."""
         mode = self.ctx.settings.auth
         if mode != "auto":
             return mode == "required"
+        if self._keys_exist:
+            return True
         if time.monotonic() - self._keys_checked > 5.0:  # a new key takes effect within seconds
-            self._keys_exist = self.keys.any_active()
+            self._keys_exist = self.keys.any_ever()
             self._keys_checked = time.monotonic()
         return self._keys_exist
 
@@ -55,25 +60,31 @@ async def authenticate(
     x_api_key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
 ) -> Principal:
     """The caller, from `Authorization: Bearer <key>` or `X-API-Key`; 401 without a valid key when keys
-    are required, 403 when the key lacks the scope of the method (GET: read, otherwise: write)."""
-    gw = gateway(request)
-    key = credentials.credentials if credentials else x_api_key
-    if not key:
-        if await run_in_threadpool(gw.keys_required):
-            raise ApiProblem(401, "an API key is required: send 'Authorization: Bearer <key>'",
-                             type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
-        principal = ANONYMOUS
-    else:
-        row = await run_in_threadpool(gw.keys.find, key)
-        if row is None:
-            raise ApiProblem(401, "the API key is not valid", type_="urn:nnm:problem:unauthorized",
-                             headers=UNAUTHORIZED)
-        principal = principal_of(row)
+    are required, 403 when the key lacks the scope of the method (GET: read, otherwise: write).
+
+    The gateway's `RequestGuard` has already authenticated the request from its headers (before
+    the body was read); this dependency only checks the scope. Without the guard it authenticates.
+    """
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        principal = await _principal_from_key(gateway(request), credentials.credentials if credentials else x_api_key)
     needed = "read" if request.method in {"GET", "HEAD", "OPTIONS"} else "write"
     if needed not in principal.scopes:
         raise ApiProblem(403, f"this API key lacks the '{needed}' scope", type_="urn:nnm:problem:forbidden")
     request.state.principal = principal
     return principal
+
+
+async def _principal_from_key(gw: Gateway, key: str | None) -> Principal:
+    if not key:
+        if await run_in_threadpool(gw.keys_required):
+            raise ApiProblem(401, "an API key is required: send 'Authorization: Bearer <key>'",
+                             type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
+        return ANONYMOUS
+    row = await run_in_threadpool(gw.keys.find, key)
+    if row is None:
+        raise ApiProblem(401, "the API key is not valid", type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
+    return principal_of(row)
 
 
 def paged(fetch: Any, cursor: str | None, limit: int) -> tuple[list, str | None]:

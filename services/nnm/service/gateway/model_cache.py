@@ -44,3 +44,9 @@ class ModelCache:
                 while len(self._models) > self.capacity:
                     self._models.popitem(last=False)
             return model
+
+    def evict(self, model_id: str) -> None:
+        """Forget a deleted model: from memory and from the local cache directory."""
+        with self._lock:
+            self._models.pop(model_id, None)
+        shutil.rmtree(self.ctx.settings.cache_dir / "models" / model_id, ignore_errors=True)

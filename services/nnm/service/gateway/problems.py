@@ -52,6 +52,16 @@ class ApiProblem(Exception):
         self.title = title or TITLES.get(status, "Error")
 
 
+def check_deleted(outcome: str, what: str, object_id: str, users: list[str]) -> None:
+    """Turn a store's deletion outcome into the API's answer: 404 when it is not the caller's,
+    409 naming the queued or running jobs that still need it."""
+    if outcome == "missing":
+        raise ApiProblem(404, f"no {what} '{object_id[:80]}'")
+    if outcome == "in-use":
+        raise ApiProblem(409, f"{what} '{object_id}' is still needed by queued or running job(s) {', '.join(users)}",
+                         type_="urn:nnm:problem:in-use", jobs=users)
+
+
 def problem_response(
     request: Request | None,
     status: int,

@@ -23,10 +23,13 @@ from nnm.engine.errors import CheckpointError
 from nnm.engine.models import build_backbone
 
 from ..db import new_id
+from ..jobspec import backbone_key
 from .deps import Gateway, gateway, owner
 from .problems import ApiProblem
 
 router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
+#: A ResNet-50 state dict is about 100 MB; nothing we can load is bigger than this.
+MAX_BACKBONE_BYTES = 256 * 1024**2
 
 UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
@@ -42,10 +45,6 @@ class BackboneOut(BaseModel):
     width: int
     in_channels: int
     init: str
-
-
-def backbone_key(owner_id: str, backbone_id: str) -> str:
-    return f"backbones/{owner_id}/{backbone_id}.pt"
 
 
 def _check(path: Path, cfg: BackboneConfig, in_channels: int) -> None:
@@ -80,7 +79,14 @@ async def upload_backbone(request: Request, gw: Annotated[Gateway, Depends(gatew
     backbone_id = new_id("bb")
     with tempfile.TemporaryDirectory(dir=gw.ctx.settings.data_dir) as tmp:
         path = Path(tmp) / "weights.pt"
-        path.write_bytes(await file.read())
+        size = 0
+        with open(path, "wb") as f:  # streamed: never the whole file in memory
+            while chunk := await file.read(1 << 20):
+                size += len(chunk)
+                if size > MAX_BACKBONE_BYTES:
+                    raise ApiProblem(413, f"file: a backbone state dict is at most {MAX_BACKBONE_BYTES} bytes",
+                                     type_="urn:nnm:problem:too-large")
+                f.write(chunk)
         try:
             await run_in_threadpool(_check, path, cfg, in_channels)
         except CheckpointError as exc:

@@ -6,19 +6,20 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api_schemas import BuiltinDatasetCreate, DatasetList, DatasetOut
-from nnm.engine.data import BUILTIN_INFO, LoadLimits, load_image_folder
+from nnm.engine.data import BUILTIN_INFO, LoadLimits, inspect_image_folder
 from nnm.engine.errors import DatasetError
 
 from ..db import new_id
+from ..retention import remove_files
 from .convert import dataset_out
 from .deps import Gateway, gateway, owner, paged
-from .problems import ApiProblem
+from .problems import ApiProblem, check_deleted
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -97,9 +98,13 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
             "file: a multipart field 'file' holding a .zip of images is required",
             type_="urn:nnm:problem:validation",
         )
-    name = form.get("name") if isinstance(form.get("name"), str) else None
+    name = check_name(form.get("name") if isinstance(form.get("name"), str) else None)
     limits = LoadLimits(
-        max_files=s.max_images, max_total_bytes=s.max_uncompressed_bytes, max_image_pixels=s.max_image_pixels
+        max_files=s.max_images,
+        max_total_bytes=s.max_uncompressed_bytes,
+        max_image_pixels=s.max_image_pixels,
+        max_member_bytes=s.max_member_bytes,
+        max_total_pixels=s.max_upload_pixels,
     )
     with tempfile.TemporaryDirectory(dir=_tmp_root(gw)) as tmp:
         path = Path(tmp) / "upload.zip"
@@ -111,7 +116,9 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
         if size == 0:
             raise ApiProblem(422, "file: the uploaded file is empty", type_="urn:nnm:problem:invalid-dataset")
         try:
-            data = await run_in_threadpool(load_image_folder, path, None, limits)
+            # Every image is decoded to check it, one at a time per decode slot, and no pixels are kept:
+            # the gateway's memory does not grow with the archive (the worker loads it at the job's size).
+            data = await run_in_threadpool(inspect_image_folder, path, limits)
         except DatasetError as exc:
             raise ApiProblem(
                 422, str(exc).replace("upload.zip", file.filename or "upload"), type_="urn:nnm:problem:invalid-dataset"
@@ -120,10 +127,12 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
         key = f"datasets/{dataset_id}/data.zip"
         await run_in_threadpool(gw.ctx.store.put_file, key, path)
     try:
-        row = gw.ctx.jobs.add_dataset(
+        # The event loop never waits on the database itself (a stalled Postgres would freeze every request).
+        row = await run_in_threadpool(
+            gw.ctx.jobs.add_dataset,
             id=dataset_id,
             owner=user,
-            name=name or (file.filename or "upload"),
+            name=name or printable_name(file.filename or "upload"),
             kind="upload",
             builtin=None,
             split=None,
@@ -135,9 +144,30 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
             size_bytes=size,
         )
     except Exception:
-        gw.ctx.store.delete_prefix(f"datasets/{dataset_id}/")  # nothing half-written stays behind
+        # Nothing half-written stays behind.
+        await run_in_threadpool(gw.ctx.store.delete_prefix, f"datasets/{dataset_id}/")
         raise
     return dataset_out(row)
+
+
+MAX_NAME = 200
+
+
+def check_name(name: str | None) -> str | None:
+    """A dataset name as given, or a 422 when it cannot be stored (too long, control characters)."""
+    if name is None:
+        return None
+    if len(name) > MAX_NAME:
+        raise ApiProblem(422, f"name: at most {MAX_NAME} characters, got {len(name)}",
+                         type_="urn:nnm:problem:validation")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ApiProblem(422, "name: control characters are not allowed", type_="urn:nnm:problem:validation")
+    return name
+
+
+def printable_name(filename: str) -> str:
+    """A file name made fit to be a dataset name: control characters dropped, cut to the length limit."""
+    return "".join(c for c in filename if ord(c) >= 32 and ord(c) != 127)[:MAX_NAME] or "upload"
 
 
 def _tmp_root(gw: Gateway) -> str:
@@ -158,13 +188,13 @@ async def create_dataset(
 ) -> DatasetOut:
     principal = request.state.principal
     per_minute = principal.uploads_per_minute or gw.ctx.settings.default_uploads_per_minute
-    wait = gw.uploads.take(principal.owner, per_minute)
+    wait = await run_in_threadpool(gw.uploads.take, principal.owner, per_minute)
     if wait > 0:
         raise ApiProblem(429, f"upload rate limit of {per_minute} per minute reached",
                          type_="urn:nnm:problem:rate-limited", headers={"Retry-After": str(int(wait) + 1)})
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        return _builtin(await request.body(), user, gw)
+        return await run_in_threadpool(_builtin, await request.body(), user, gw)
     if ctype == "multipart/form-data":
         return await _upload(request, user, gw)
     raise ApiProblem(
@@ -194,3 +224,16 @@ def get_dataset(
     if row is None:
         raise ApiProblem(404, f"no dataset '{dataset_id}'")
     return dataset_out(row)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response, summary="Delete a dataset's images",
+               responses={409: {"description": "A queued or running job still needs it"}})
+def delete_dataset(
+    dataset_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
+) -> Response:
+    """The images go; the record stays (hidden) for the jobs and models made from it."""
+    outcome, row, users = gw.ctx.jobs.delete_dataset(dataset_id, user)
+    check_deleted(outcome, "dataset", dataset_id, users)
+    if row is not None and row.key:
+        remove_files(gw.ctx, f"datasets/{dataset_id}/")
+    return Response(status_code=204)

@@ -13,12 +13,12 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from api_schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus, JobType
 
-from ..auth import active_jobs
-from ..jobspec import SpecError, queue_for, validate_job
-from ..repository import IdempotencyConflict, IdempotencyInFlight
+from ..jobspec import SpecError, queue_for, submitted_params, validate_job
+from ..repository import IdempotencyConflict, IdempotencyInFlight, TooManyJobs
+from ..retention import remove_files
 from .convert import job_out
 from .deps import Gateway, gateway, owner, paged
-from .problems import ApiProblem
+from .problems import ApiProblem, check_deleted
 
 log = logging.getLogger("nnm.gateway")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -64,21 +64,19 @@ def create_job(
 ) -> JobOut:
     principal = request.state.principal
     limit = principal.max_queued_jobs or gw.ctx.settings.default_max_queued_jobs
-    if sum(active_jobs(gw.ctx.jobs, user).values()) >= limit and idempotency_key is None:
-        raise ApiProblem(429, f"this API key already has {limit} queued or running jobs, its limit",
-                         type_="urn:nnm:problem:too-many-jobs", headers={"Retry-After": "30"})
     dataset = gw.ctx.jobs.get_dataset(req.dataset_id, user)
     if dataset is None:
         raise ApiProblem(
             422,
-            f"dataset_id: no dataset '{req.dataset_id}'",
+            f"dataset_id: no dataset '{req.dataset_id[:80]}'",
             type_="urn:nnm:problem:validation",
             errors=[{"loc": ["body", "dataset_id"], "msg": "unknown dataset"}],
         )
     inputs = req.inputs.model_dump(exclude_none=True)
     try:
-        validate_job(req.type.value, dataset, inputs, req.params, user, gw.ctx.jobs, gw.ctx.settings.device,
-                     gw.ctx.store)
+        params = submitted_params(req.params, gw.ctx.settings.device)
+        cfg = validate_job(req.type.value, dataset, inputs, params, user, gw.ctx.jobs, gw.ctx.settings.device,
+                           gw.ctx.store)
     except SpecError as exc:
         raise ApiProblem(exc.status, exc.detail, type_="urn:nnm:problem:invalid-job", errors=exc.errors) from None
     body_hash = hashlib.sha256(json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -89,12 +87,17 @@ def create_job(
             type=req.type.value,
             dataset_id=dataset.id,
             inputs=inputs,
-            params=req.params,
+            params=params,
             queue=queue,
             max_attempts=gw.ctx.settings.job_max_attempts,
             idempotency_key=idempotency_key,
             request_hash=body_hash,
+            max_active=limit,
+            config=cfg.model_dump(mode="json"),
         )
+    except TooManyJobs:
+        raise ApiProblem(429, f"this API key already has {limit} queued or running jobs, its limit",
+                         type_="urn:nnm:problem:too-many-jobs", headers={"Retry-After": "30"}) from None
     except IdempotencyConflict:
         raise ApiProblem(
             422,
@@ -188,3 +191,17 @@ def get_artifact(
         media_type=media,
         headers={"Content-Length": str(art.size), "Content-Disposition": f'inline; filename="{filename}"'},
     )
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               summary="Delete a finished job with its artifacts and model",
+               responses={409: {"description": "The job is queued or running, or an active job uses it"}})
+def delete_job(job_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]) -> Response:
+    outcome, row, users = gw.ctx.jobs.delete_job(job_id, user)
+    if outcome == "active":
+        raise ApiProblem(409, f"job '{job_id}' is {row.status}; cancel it first", type_="urn:nnm:problem:job-active")
+    check_deleted(outcome, "job", job_id, users)
+    if row is not None and row.model_id:
+        gw.models.evict(row.model_id)
+    remove_files(gw.ctx, f"jobs/{job_id}/")
+    return Response(status_code=204)

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api_schemas import Assignment, ModelList, ModelOut
 from nnm.engine.config import RuntimeConfig
-from nnm.engine.data import LoadLimits
+from nnm.engine.data import LoadLimits, PixelBudgetError
 from nnm.engine.errors import NNMError
 from nnm.engine.stages.assign import assign_images
 
+from ..retention import remove_files
 from .convert import model_out
 from .deps import Gateway, gateway, owner, paged
 from .model_cache import ModelCache
-from .problems import ApiProblem
+from .problems import ApiProblem, check_deleted
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -35,6 +37,23 @@ ASSIGN_DOC = {
         },
     }
 }
+
+
+class _SmallSpoolParser(MultiPartParser):
+    """Starlette's multipart parser, keeping at most 64 KiB of each uploaded file in memory (not 1 MiB):
+    up to `max_assign_files` files are open at once, and the rest of each goes to a temporary file."""
+
+    spool_max_size = 64 * 1024
+
+
+async def _parse_files(request: Request, max_files: int) -> FormData:
+    """The multipart form of an assign request (400 problem when it is malformed or has too many parts)."""
+    try:
+        return await _SmallSpoolParser(
+            request.headers, request.stream(), max_files=max_files, max_fields=max_files + 10
+        ).parse()
+    except MultiPartException as exc:
+        raise ApiProblem(400, exc.message) from None  # what `request.form()` answers
 
 
 @router.get("", response_model=ModelList, summary="List trained models (newest first)")
@@ -67,7 +86,7 @@ def get_model(
 async def assign(
     model_id: str, request: Request, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
 ) -> list[Assignment]:
-    row = gw.ctx.jobs.get_model(model_id, user)
+    row = await run_in_threadpool(gw.ctx.jobs.get_model, model_id, user)
     if row is None:
         raise ApiProblem(404, f"no model '{model_id}'")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -78,23 +97,44 @@ async def assign(
             type_="urn:nnm:problem:unsupported-media-type",
         )
     limit = gw.ctx.settings.max_assign_files
-    form = await request.form(max_files=limit, max_fields=limit + 10)
-    files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-    if not files:
-        raise ApiProblem(
-            422, "files: upload at least one image in the multipart field 'files'", type_="urn:nnm:problem:validation"
-        )
-    images = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    cache: ModelCache = gw.models  # type: ignore[assignment]
-    model = await run_in_threadpool(cache.get, row)
-    limits = LoadLimits(max_image_pixels=gw.ctx.settings.max_image_pixels)
+    form = await _parse_files(request, limit)
     try:
-        results = await run_in_threadpool(assign_images, model, images, RuntimeConfig(device="cpu"), 256, limits)
-    except NNMError as exc:
-        raise ApiProblem(422, str(exc), type_="urn:nnm:problem:invalid-image") from None
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise ApiProblem(
+                422,
+                "files: upload at least one image in the multipart field 'files'",
+                type_="urn:nnm:problem:validation",
+            )
+        # The spooled upload files themselves go to the decoder: no file is read whole into memory.
+        images = [(f.filename or f"file{i}", f.file) for i, f in enumerate(files)]
+        cache: ModelCache = gw.models  # type: ignore[assignment]
+        model = await run_in_threadpool(cache.get, row)
+        s = gw.ctx.settings
+        limits = LoadLimits(max_image_pixels=s.max_image_pixels, max_total_pixels=s.max_assign_pixels)
+        try:
+            results = await run_in_threadpool(assign_images, model, images, RuntimeConfig(device="cpu"), 256, limits)
+        except PixelBudgetError as exc:
+            raise ApiProblem(413, str(exc), type_="urn:nnm:problem:too-large") from None
+        except NNMError as exc:
+            raise ApiProblem(422, str(exc), type_="urn:nnm:problem:invalid-image") from None
+    finally:
+        await form.close()
     return [
         Assignment(
             filename=r["image"], cluster=r["cluster"], confidence=r["confidence"], class_name=r.get("class_name")
         )
         for r in results
     ]
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, summary="Delete a model (its job stays)",
+               responses={409: {"description": "A queued or running job uses it"}})
+def delete_model(
+    model_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
+) -> Response:
+    outcome, row, users = gw.ctx.jobs.delete_model(model_id, user)
+    check_deleted(outcome, "model", model_id, users)
+    gw.models.evict(model_id)
+    remove_files(gw.ctx, f"{row.key_prefix.rstrip('/')}/")
+    return Response(status_code=204)
