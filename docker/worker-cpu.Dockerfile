@@ -1,8 +1,7 @@
 # syntax=docker/dockerfile:1
-# A Celery worker without a GPU. It consumes the `cpu` queue (evaluation) and also the `gpu` queue
-# (training stages): on a host with no GPU worker it is the only one, and training jobs would otherwise
-# wait forever. Where a GPU worker runs, jobs on `gpu` go to whichever worker is free first; run this
-# worker with `-Q cpu` (override the command) to keep training off the CPU.
+# A Celery worker without a GPU. Its default command consumes the `cpu` queue (evaluation) only, so
+# that where GPU workers run (docker-compose.gpu.yml, deploy/k8s) training stays on the GPUs. Where it
+# is the only worker, give it the training queue too: docker-compose.yml runs it with `-Q cpu,gpu`.
 # Build from the repository root:  docker build -f docker/worker-cpu.Dockerfile -t nnm-worker-cpu .
 FROM python:3.11-slim
 
@@ -30,9 +29,13 @@ ENV NNM_DATA_DIR=/var/lib/nnm
 
 # The worker's main process answers control messages while its pool process runs a job, so the
 # ping works during long training. -d names this node (-n cpu@%h, %h = the container's hostname).
+# Liveness from the worker's heartbeat file, not through Redis (nnm/service/liveness.py).
 HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A nnm.service.celery_app inspect ping -d cpu@$HOSTNAME -t 10"]
+    CMD ["python", "-m", "nnm.service.liveness", "--max-age", "120"]
 
+# SIGTERM (docker stop, pod deletion): the running job's training process is stopped and the job is
+# handed back to the queue within seconds, to resume from its last uploaded checkpoint on the next
+# worker: Celery's warm shutdown waits for that hand-back, not for the job to finish.
 # One job at a time (training runs in a child process that uses every core), no prefetching.
-CMD ["celery", "-A", "nnm.service.celery_app", "worker", "-Q", "cpu,gpu", "--concurrency", "1", \
+CMD ["celery", "-A", "nnm.service.celery_app", "worker", "-Q", "cpu", "--concurrency", "1", \
      "--prefetch-multiplier", "1", "-n", "cpu@%h", "--loglevel", "INFO"]

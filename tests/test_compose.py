@@ -1,15 +1,23 @@
 """The container and deployment files: docker-compose*.yml, docker/*.Dockerfile, .env.example, deploy/k8s.
 
 Static checks only (no Docker): the files parse, the topology is wired as documented, and every
-setting, module and command they name exists in the package.
+setting, module and command they name exists in the package. The compose files are also resolved
+the way `docker compose` does it (variables interpolated from a .env, the GPU override merged over
+the main file) to check what the containers get: no default passwords, keys required, MinIO on the
+host's loopback only, a bucket-scoped S3 user for the service, and each worker on its own queues.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
 ENV_EXAMPLE = REPO / ".env.example"
+MAKE_ENV = REPO / "scripts" / "make-env.sh"
 K8S = REPO / "deploy" / "k8s"
 
 SERVICES = {"postgres", "redis", "minio", "createbuckets", "migrate", "gateway", "worker-cpu"}
@@ -38,6 +47,10 @@ CONNECTION_VARS = (
     "NNM_S3_PUBLIC_ENDPOINT",
 )
 FIELDS = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+#: Compose variables that must never have a default: `docker compose up` refuses to start without them.
+SECRET_VARS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "NNM_S3_ACCESS_KEY", "NNM_S3_SECRET_KEY")
+WORKERS = ("worker-cpu", "worker-gpu")
+BOOTSTRAP = "docker compose exec gateway nnm keys create --name admin"
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -160,6 +173,116 @@ def _celery_option(argv: list[str], *names: str) -> str:
     raise AssertionError(f"none of {names} in {argv}")
 
 
+# ------------------------------------------------------------- compose as `docker compose` resolves it
+
+
+class MissingVariable(Exception):
+    pass
+
+
+_INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _interpolate(value: str, env: Mapping[str, str]) -> str:
+    """Compose's interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(1):
+            return "$"
+        name, op, arg = m.group(2) or m.group(5), m.group(3), m.group(4)
+        val = env.get(name)
+        if op == ":-":
+            return val if val else arg
+        if op == "-":
+            return arg if val is None else val
+        if (op == ":?" and not val) or (op == "?" and val is None):
+            raise MissingVariable(f"{name}: {arg}")
+        return val or ""
+
+    return _INTERPOLATION.sub(sub, value)
+
+
+def _interpolate_tree(obj: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _interpolate_tree(v, env) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_interpolate_tree(v, env) for v in obj]
+    return _interpolate(obj, env) if isinstance(obj, str) else obj
+
+
+def _merge(base: Any, over: Any, key: str = "") -> Any:
+    """Compose's merge of an override file: mappings merge, ports add up, volumes merge by target,
+    anything else (command, entrypoint, healthcheck.test, ...) is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(out[k], v, k) if k in out else v
+        return out
+    if key in {"ports", "expose"} and isinstance(base, list) and isinstance(over, list):
+        return base + [item for item in over if item not in base]
+    if key == "volumes" and isinstance(base, list) and isinstance(over, list):
+        target = {str(v).split(":")[1] if ":" in str(v) else str(v): v for v in base}
+        target.update({str(v).split(":")[1] if ":" in str(v) else str(v): v for v in over})
+        return list(target.values())
+    return over
+
+
+def _dotenv(text: str) -> dict[str, str]:
+    """A .env file as Docker Compose reads it (KEY=VALUE lines, # comments)."""
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"not KEY=VALUE: {line!r}"
+            env[key] = value
+    return env
+
+
+def _make_env() -> dict[str, str]:
+    out = subprocess.run(["bash", str(MAKE_ENV)], capture_output=True, text=True, timeout=30, check=True)
+    return _dotenv(out.stdout)
+
+
+def _topology(env: Mapping[str, str], gpu: bool) -> dict[str, Any]:
+    """docker-compose.yml (+ docker-compose.gpu.yml), interpolated from `env` and merged."""
+    doc = _interpolate_tree(_load(COMPOSE), env)
+    if gpu:
+        doc = _merge(doc, _interpolate_tree(_load(COMPOSE_GPU), env))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def dotenv() -> dict[str, str]:
+    """The .env that the documented one-liner writes: `bash scripts/make-env.sh > .env`."""
+    assert MAKE_ENV.is_file(), "scripts/make-env.sh (the documented way to write .env) is missing"
+    return _make_env()
+
+
+def _worker_argv(service: dict[str, Any]) -> list[str]:
+    """The command a worker container runs: its compose command, or the CMD of its image."""
+    command = service.get("command")
+    if command:
+        return command if isinstance(command, list) else shlex.split(command)
+    return _dockerfile_cmd(REPO / service["build"].get("context", ".") / service["build"]["dockerfile"])
+
+
+def _queues(argv: list[str]) -> set[str]:
+    return set(_celery_option(argv, "-Q", "--queues").split(","))
+
+
+def _published(port: Any) -> tuple[str | None, str]:
+    """(host address or None for every interface, container port) of a compose port entry."""
+    if isinstance(port, dict):
+        return port.get("host_ip"), str(port["target"])
+    spec = str(port).split("/")[0]
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]:")
+        return host, rest.split(":")[-1]
+    parts = spec.split(":")
+    return (parts[0] if len(parts) == 3 else None), parts[-1]
+
+
 # --------------------------------------------------------------------------------------------- compose
 
 
@@ -169,7 +292,7 @@ def test_compose_services(compose: dict[str, Any]) -> None:
 
 
 def test_long_running_services_have_healthchecks(compose: dict[str, Any], compose_gpu: dict[str, Any]) -> None:
-    services = {**compose["services"], **compose_gpu["services"]}
+    services = _merge(compose, compose_gpu)["services"]
     for name, service in services.items():
         if name in ONE_SHOT:
             assert service.get("restart", "no") == "no", f"{name} is one-shot"
@@ -202,6 +325,7 @@ def test_minio_images_are_pinned_on_quay(compose: dict[str, Any]) -> None:
     bucket_script = _command(compose["services"]["createbuckets"]["entrypoint"])
     assert "mc alias set" in bucket_script
     assert "mc mb --ignore-existing" in bucket_script
+    assert "mc admin user add" in bucket_script
 
 
 def test_redis_is_a_durable_broker(compose: dict[str, Any]) -> None:
@@ -243,15 +367,22 @@ def test_gpu_env_copy_matches_main_file(compose: dict[str, Any], compose_gpu: di
     assert compose["x-nnm-env"] == compose_gpu["x-nnm-env"]
 
 
-def test_interpolations_have_defaults() -> None:
-    """`docker compose up` must work without a .env file: every ${VAR} has a :- default."""
+def test_interpolations_have_defaults_except_secrets() -> None:
+    """Every ${VAR} has a :- default, except the secrets: those are ${VAR:?message}, so that
+    `docker compose up` without the .env of scripts/make-env.sh stops and says what to do."""
     for path in (COMPOSE, COMPOSE_GPU):
         lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
         text = re.sub(r"\$\$", "", "\n".join(lines))  # $$ is a literal $ for the container's shell
         bare = re.findall(r"\$(?!\{)\w+", text)
         assert not bare, f"{path.name}: use ${{VAR:-default}}, not {bare}"
         for expr in re.findall(r"\$\{([^}]*)\}", text):
-            assert re.fullmatch(r"[A-Z_][A-Z0-9_]*:-.*", expr), f"{path.name}: ${{{expr}}} has no default"
+            name = re.match(r"[A-Z_][A-Z0-9_]*", expr)
+            assert name, f"{path.name}: ${{{expr}}}"
+            if name.group(0) in SECRET_VARS:
+                assert re.fullmatch(r"[A-Z_][A-Z0-9_]*:\?.*make-env\.sh.*", expr), (
+                    f"{path.name}: ${{{expr}}} must be ${{VAR:?message naming scripts/make-env.sh}}")
+            else:
+                assert re.fullmatch(r"[A-Z_][A-Z0-9_]*:-.*", expr), f"{path.name}: ${{{expr}}} has no default"
 
 
 def test_gpu_is_opt_in(compose: dict[str, Any], compose_gpu: dict[str, Any]) -> None:
@@ -279,7 +410,7 @@ def test_compose_volumes_are_declared(compose: dict[str, Any], compose_gpu: dict
 
 
 def _built_services(compose: dict[str, Any], compose_gpu: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    services = {**compose["services"], **compose_gpu["services"]}
+    services = _merge(compose, compose_gpu)["services"]
     return {name: s for name, s in services.items() if "build" in s}
 
 
@@ -307,21 +438,21 @@ def test_dockerfiles_exist_and_name_real_modules(compose: dict[str, Any], compos
             assert "EXPOSE 8000" in path.read_text()
             assert "/healthz" in _dockerfile_healthcheck(path)
         else:
-            assert argv[:4] == ["celery", "-A", "nnm.service.celery_app", "worker"], argv
-            assert importlib.util.find_spec("nnm.service.celery_app") is not None
-            queues = _celery_option(argv, "-Q", "--queues").split(",")
-            assert set(queues) <= set(QUEUES)
-            assert _celery_option(argv, "--concurrency", "-c") == "1"
-            assert _celery_option(argv, "--prefetch-multiplier") == "1"
-            node = _celery_option(argv, "-n", "--hostname")
-            prefix = node.split("@")[0]
-            health = _dockerfile_healthcheck(path)
-            assert "celery -A nnm.service.celery_app inspect ping" in health
-            assert f"-d {prefix}@$HOSTNAME" in health, f"{path.name}: healthcheck pings another node"
-            compose_health = _healthcheck_test(service)
-            assert f"-d {prefix}@$$HOSTNAME" in compose_health, f"{name}: compose healthcheck pings another node"
-    cpu_queues = _celery_option(_dockerfile_cmd(REPO / "docker/worker-cpu.Dockerfile"), "-Q").split(",")
-    assert set(cpu_queues) == set(QUEUES), "with no GPU worker the CPU worker must take training jobs too"
+            image_argv = argv
+            for argv in (image_argv, _worker_argv(service), _worker_argv(compose["services"].get(name, service))):
+                assert argv[:4] == ["celery", "-A", "nnm.service.celery_app", "worker"], argv
+                assert importlib.util.find_spec("nnm.service.celery_app") is not None
+                assert _queues(argv) <= set(QUEUES)
+                assert _celery_option(argv, "--concurrency", "-c") == "1"
+                assert _celery_option(argv, "--prefetch-multiplier") == "1"
+                assert _celery_option(argv, "-n", "--hostname")
+                # Liveness must not go through the broker: a Redis outage would restart every worker.
+                for health in (_dockerfile_healthcheck(path), _healthcheck_test(service)):
+                    assert "python -m nnm.service.liveness" in health and "inspect ping" not in health, health
+                assert importlib.util.find_spec("nnm.service.liveness") is not None
+    # The images alone: each worker takes only what it is for (compose widens the CPU worker where it
+    # is the only one).
+    assert _celery_option(_dockerfile_cmd(REPO / "docker/worker-cpu.Dockerfile"), "-Q") == "cpu"
     assert _celery_option(_dockerfile_cmd(REPO / "docker/worker-gpu.Dockerfile"), "-Q") == "gpu"
 
 
@@ -406,6 +537,17 @@ def _k8s() -> dict[tuple[str, str], dict[str, Any]]:
     return objects
 
 
+def test_k8s_manifests_match_the_api_schema() -> None:
+    """Every manifest validates against the Kubernetes API's schema (bundled, no cluster needed);
+    strict: an unknown or misspelt field is an error."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for (kind, name), obj in _k8s().items():
+        try:
+            kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{kind}/{name}: {exc.message} at {'.'.join(map(str, exc.path))}") from None
+
+
 def test_k8s_manifests() -> None:
     objects = _k8s()
     for key in (
@@ -436,3 +578,223 @@ def test_k8s_manifests() -> None:
                 assert refs == {"nnm-config", "nnm-secrets"}, name
                 for var in container.get("env", []):
                     assert var["name"] in FIELDS, f"{name}: {var['name']}"
+
+
+# ---------------------------------------------------------------------------------- closed by default
+
+
+def test_compose_refuses_to_start_without_secrets() -> None:
+    """No password or S3 key has a default: without a .env, interpolation stops on each of them."""
+    for gpu in (False, True):
+        for missing in SECRET_VARS:
+            env = {name: "x" * 16 for name in SECRET_VARS if name != missing}
+            with pytest.raises(MissingVariable, match=missing):
+                _topology(env, gpu)
+    for path in (COMPOSE, COMPOSE_GPU):
+        for key, value in _walk(_load(path)):
+            if isinstance(key, str) and re.search(r"PASSWORD|SECRET|ACCESS_KEY|ROOT_USER", key):
+                assert re.fullmatch(r"\$\{" + key + r":\?[^}]+\}", str(value)), (
+                    f"{path.name}: {key}: {value!r} is not ${{{key}:?...}}")
+        url = _load(path)["x-nnm-env"]["NNM_DATABASE_URL"]
+        password = r"\$\{POSTGRES_PASSWORD:\?[^}]+\}"
+        assert re.fullmatch(r"postgresql\+psycopg://\$\{POSTGRES_USER:-\w+\}:" + password + "@.*", url), (
+            f"{path.name}: the password in {url} has a default")
+
+
+def test_make_env_fills_every_required_variable(dotenv: dict[str, str]) -> None:
+    """`bash scripts/make-env.sh > .env` gives compose every ${VAR:?} it needs, with fresh secrets."""
+    required = set()
+    for path in (COMPOSE, COMPOSE_GPU):
+        required |= set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):\?", path.read_text()))
+    assert required >= set(SECRET_VARS)
+    for name in required:
+        assert dotenv.get(name), f"make-env.sh leaves {name} empty"
+    for gpu in (False, True):
+        doc = _topology(dotenv, gpu)  # raises MissingVariable if anything is still missing
+        for name in ("gateway", "migrate", *(w for w in WORKERS if w in doc["services"])):
+            env = _env(doc["services"][name])
+            settings = load_settings(env)
+            assert settings.database_url and settings.database_url.startswith("postgresql+psycopg://")
+            from sqlalchemy.engine import make_url
+
+            assert make_url(settings.database_url).password == dotenv["POSTGRES_PASSWORD"], "password needs escaping"
+    for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "NNM_S3_SECRET_KEY"):
+        assert re.fullmatch(r"[0-9a-f]{32,}", dotenv[name]), f"{name}: not a long random secret"
+    assert len({dotenv[n] for n in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "NNM_S3_SECRET_KEY")}) == 3
+    assert dotenv["NNM_S3_ACCESS_KEY"] != dotenv["MINIO_ROOT_USER"]
+    again = _make_env()
+    assert all(again[n] != dotenv[n] for n in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "NNM_S3_SECRET_KEY"))
+    # A whole .env: every variable of .env.example, in its order, the documented ones unchanged.
+    example = _env_example()
+    assert list(dotenv) == list(example)
+    changed = {k for k in example if example[k] != dotenv[k]}
+    assert changed <= {*SECRET_VARS, "NNM_AUTH"}, changed
+    for doc in (REPO / "README.md", REPO / "deploy" / "README.md", ENV_EXAMPLE):
+        assert "bash scripts/make-env.sh > .env" in doc.read_text(), f"{doc.name} does not show the one-liner"
+
+
+def test_minio_is_published_on_loopback_only(dotenv: dict[str, str]) -> None:
+    """Only the gateway is published beyond the host; MinIO's API and console listen on 127.0.0.1."""
+    for gpu in (False, True):
+        for name, service in _topology(dotenv, gpu)["services"].items():
+            for port in service.get("ports", []):
+                host, target = _published(port)
+                if name == "gateway":
+                    assert target == "8000"
+                    continue
+                assert host is not None and ipaddress.ip_address(host).is_loopback, (
+                    f"{name}: port {port!r} is published on every interface of the host")
+    assert not _topology(dotenv, False)["services"]["postgres"].get("ports")
+    assert not _topology(dotenv, False)["services"]["redis"].get("ports")
+
+
+def test_keys_are_required_in_compose_and_k8s(dotenv: dict[str, str], tmp_path: Path) -> None:
+    """NNM_AUTH=required everywhere the service runs, whatever .env says; the first key's bootstrap is
+    documented and the keys CLI works with the settings compose gives the gateway."""
+    from nnm.cli.main import build_parser
+
+    for env in (dotenv, {**dotenv, "NNM_AUTH": "auto"}, {**dotenv, "NNM_AUTH": "off"}):
+        for gpu in (False, True):
+            services = _topology(env, gpu)["services"]
+            for name in ("gateway", "migrate", *(w for w in WORKERS if w in services)):
+                assert load_settings(_env(services[name])).auth == "required", name
+    objects = _k8s()
+    assert objects[("ConfigMap", "nnm-config")]["data"]["NNM_AUTH"] == "required"
+    assert "NNM_AUTH" not in objects[("Secret", "nnm-secrets")]["stringData"]
+    for (kind, name), obj in objects.items():
+        if kind in {"Deployment", "Job"}:
+            for container in obj["spec"]["template"]["spec"]["containers"]:
+                assert "NNM_AUTH" not in {v["name"] for v in container.get("env", [])}, name
+    # The bootstrap: documented, and it parses.
+    for doc in (REPO / "README.md", REPO / "deploy" / "README.md", COMPOSE):
+        assert BOOTSTRAP in doc.read_text(), f"{doc.name} does not show how to create the first key"
+    argv = shlex.split(BOOTSTRAP)[4:]
+    assert argv[0] == "nnm" and build_parser().parse_args(argv[1:]).keys_command == "create"
+    # Run it with the gateway's compose environment (a SQLite file stands in for Postgres; S3 and the
+    # broker are unreachable here and the keys CLI does not need them).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(_env(_topology(dotenv, False)["services"]["gateway"]))
+    env.update(NNM_DATA_DIR=str(tmp_path), NNM_DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}")
+    cli = [sys.executable, "-m", "nnm.cli.main", *argv[1:]]
+    out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["key"].startswith("nnm_")
+    listed = subprocess.run([*cli[:3], "keys", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["admin"], listed.stderr
+
+
+def test_service_uses_a_bucket_scoped_s3_user(dotenv: dict[str, str], tmp_path: Path) -> None:
+    """The gateway and workers get the service's own S3 user, never MinIO's root; createbuckets makes
+    that user with a policy limited to the bucket (its script is run here with a stand-in `mc`)."""
+    for gpu in (False, True):
+        services = _topology(dotenv, gpu)["services"]
+        root = _env(services["minio"])
+        for name in ("gateway", "migrate", *(w for w in WORKERS if w in services)):
+            env = _env(services[name])
+            assert env["NNM_S3_ACCESS_KEY"] == dotenv["NNM_S3_ACCESS_KEY"] != root["MINIO_ROOT_USER"], name
+            assert env["NNM_S3_SECRET_KEY"] == dotenv["NNM_S3_SECRET_KEY"] != root["MINIO_ROOT_PASSWORD"], name
+            assert not {k for k in env if k.startswith("MINIO_")}, f"{name} sees MinIO's root credentials"
+            assert root["MINIO_ROOT_PASSWORD"] not in json.dumps(env), f"{name} sees MinIO's root password"
+    bucket = _env(_topology(dotenv, False)["services"]["createbuckets"])
+    script = _topology(dotenv, False)["services"]["createbuckets"]["entrypoint"]
+    assert script[0] == "sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "mc.log"
+    (bin_dir / "mc").write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$*" >> "{log}"\n'
+        'if [ "$1 $2 $3" = "admin policy create" ]; then cp "$6" "$TMPDIR/policy-seen.json"; fi\n'
+    )
+    (bin_dir / "mc").chmod(0o755)
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess:
+        log.unlink(missing_ok=True)
+        full = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path), **env}
+        return subprocess.run(script, env=full, capture_output=True, text=True, timeout=30)
+
+    done = run(bucket)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    user, secret, name = bucket["NNM_S3_ACCESS_KEY"], bucket["NNM_S3_SECRET_KEY"], bucket["NNM_S3_BUCKET"]
+    assert calls[0] == f"alias set nnm http://minio:9000 {dotenv['MINIO_ROOT_USER']} {dotenv['MINIO_ROOT_PASSWORD']}"
+    assert f"mb --ignore-existing nnm/{name}" in calls
+    assert f"admin user add nnm {user} {secret}" in calls
+    policy_name = next(c.split()[4] for c in calls if c.startswith("admin policy create"))
+    assert f"admin policy attach nnm {policy_name} --user {user}" in calls
+    policy = json.loads((tmp_path / "policy-seen.json").read_text())
+    actions, resources = set(), set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions |= set(statement["Action"])
+        resources |= set(statement["Resource"])
+    assert resources == {f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"}, resources
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+    # What S3Store calls: bucket_exists/list (ListBucket), get/stat/presign, put (multipart too), remove.
+    assert actions >= {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    # The service's user may not be the root user.
+    refused = run({**bucket, "NNM_S3_ACCESS_KEY": dotenv["MINIO_ROOT_USER"]})
+    assert refused.returncode != 0 and not (log.exists() and "admin" in log.read_text())
+
+
+# ------------------------------------------------------------------------------------------ queues
+
+
+def test_each_worker_takes_only_its_queues(dotenv: dict[str, str]) -> None:
+    """CPU only: the CPU worker takes both queues (nobody else would train). With the GPU override:
+    the CPU worker takes `cpu` only and the GPU worker `gpu` only. Kubernetes: the same split."""
+    from nnm.service.queue import QUEUES
+
+    alone = _topology(dotenv, gpu=False)["services"]
+    assert [w for w in WORKERS if w in alone] == ["worker-cpu"]
+    assert _queues(_worker_argv(alone["worker-cpu"])) == set(QUEUES)
+    both = _topology(dotenv, gpu=True)["services"]
+    assert _queues(_worker_argv(both["worker-cpu"])) == {"cpu"}, "the CPU worker still takes training jobs"
+    assert _queues(_worker_argv(both["worker-gpu"])) == {"gpu"}
+    objects = _k8s()
+    k8s = {}
+    for worker in WORKERS:
+        container = objects[("Deployment", f"nnm-{worker}")]["spec"]["template"]["spec"]["containers"][0]
+        argv = container.get("command") or _dockerfile_cmd(REPO / "docker" / f"{worker}.Dockerfile")
+        k8s[worker] = _queues(argv)
+    assert k8s == {"worker-cpu": {"cpu"}, "worker-gpu": {"gpu"}}, k8s
+
+
+def test_the_gateway_knows_the_training_device_and_worker_liveness_skips_redis(dotenv: dict[str, str]) -> None:
+    """The gateway fixes `auto` at submission from NNM_DEVICE, so it must name the device of the workers
+    that take the `gpu` queue; and no worker's liveness probe goes through the broker."""
+    alone = _topology(dotenv, gpu=False)["services"]
+    both = _topology(dotenv, gpu=True)["services"]
+    assert alone["gateway"]["environment"]["NNM_DEVICE"] == alone["worker-cpu"]["environment"]["NNM_DEVICE"] == "cpu"
+    assert both["gateway"]["environment"]["NNM_DEVICE"] == both["worker-gpu"]["environment"]["NNM_DEVICE"] == "cuda"
+    objects = _k8s()
+
+    def env_of(name: str) -> dict[str, str]:
+        container = objects[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+    assert env_of("nnm-gateway")["NNM_DEVICE"] == env_of("nnm-worker-gpu")["NNM_DEVICE"] == "cuda"
+    for worker in WORKERS:
+        container = objects[("Deployment", f"nnm-{worker}")]["spec"]["template"]["spec"]["containers"][0]
+        probe = " ".join(container["livenessProbe"]["exec"]["command"])
+        assert "nnm.service.liveness" in probe and "inspect ping" not in probe, probe
+
+
+# ------------------------------------------------------------------------------------------ SIGTERM
+
+
+def test_sigterm_docs_say_what_the_code_does() -> None:
+    """A worker's SIGTERM hands its running job back to the queue (celery_app.py, runner.py); it does
+    not wait for the job. Every file that explains SIGTERM says that."""
+    code = (REPO / "services/nnm/service/celery_app.py").read_text()
+    assert "running jobs are handed back to the queue" in code, "the code changed: update the docs and this test"
+    docs = [REPO / "README.md", REPO / "deploy" / "README.md", COMPOSE, COMPOSE_GPU,
+            REPO / "docker" / "worker-cpu.Dockerfile", REPO / "docker" / "worker-gpu.Dockerfile",
+            K8S / "worker-cpu.yaml", K8S / "worker-gpu.yaml"]
+    for path in docs:
+        text = " ".join(path.read_text().split()).replace("# ", "")
+        assert "SIGTERM" in text, f"{path.relative_to(REPO)} does not say what SIGTERM does"
+        assert not re.search(r"(?<!not )waits? (for|out) (the|its) running job", text, re.I), (
+            f"{path.relative_to(REPO)} says SIGTERM waits for the running job")
+        assert re.search(r"hand(s|ed)? (the |its )?(running )?job back|handed back|hand-back", text, re.I), (
+            f"{path.relative_to(REPO)} does not say that the job is handed back to the queue")

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = keys.add_parser("create", help="create a key and print it (it is shown only once)")
     k.add_argument("--name", required=True)
-    k.add_argument("--scopes", default="read,write", help="comma-separated: read, write (default both)")
+    k.add_argument("--scopes", default="read,write", help="comma-separated: read, write, metrics (Prometheus)")
     k.add_argument("--max-running", type=int, help="jobs this key may run at once")
     k.add_argument("--max-queued", type=int, help="queued + running jobs this key may have")
     k.add_argument("--uploads-per-minute", type=int)
@@ -149,12 +149,63 @@ def manage_keys(args: argparse.Namespace) -> int:
         ctx.close()
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is reachable from this machine only."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if host.lower() == "localhost":
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _open_to_anonymous() -> str | None:
+    """Why anonymous callers get in with the current settings (None: an API key is required)."""
+    from nnm.service.settings import load_settings
+
+    settings = load_settings()
+    if settings.auth == "required":
+        return None
+    if settings.auth == "off":
+        return "NNM_AUTH=off"
+    try:  # auto: closed for good once a key has been created (revoked ones count)
+        from nnm.service.auth import KeyStore
+        from nnm.service.repository import JobStore
+
+        jobs = JobStore(settings.resolved_database_url)
+        try:
+            if KeyStore(jobs).any_ever():
+                return None
+        finally:
+            jobs.dispose()
+    except Exception:  # no job store yet (first start) or unreachable: no key is known to exist
+        pass
+    return "NNM_AUTH=auto and no API key exists yet"
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the gateway with uvicorn; settings come from NNM_* variables."""
     if args.data_dir:
         os.environ["NNM_DATA_DIR"] = str(args.data_dir)
     import uvicorn
 
+    if not _is_loopback(args.host):
+        reason = _open_to_anonymous()
+        if reason:
+            print(
+                f"nnm: WARNING: listening on {args.host}, beyond this machine, without API keys ({reason}): "
+                "anyone who reaches the port can upload data, run jobs and read every result. Bind to "
+                "127.0.0.1, or set NNM_AUTH=required and create a key with `nnm keys create --name NAME`.",
+                file=sys.stderr, flush=True,
+            )
     print(f"nnm: serving on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr, flush=True)
     uvicorn.run("nnm.service.gateway.main:app", factory=True, host=args.host, port=args.port, log_level="warning")
     return 0
