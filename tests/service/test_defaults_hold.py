@@ -301,3 +301,28 @@ def test_an_s3_outage_does_not_make_the_gateway_unready(tmp_path):
         assert r.status_code == 503 and r.headers["retry-after"]
         assert r.headers["content-type"].startswith("application/problem+json")
         assert api.get(f"/v1/jobs/{row.id}").status_code == 200  # what needs only the database still works
+
+
+def test_no_path_into_another_owners_objects_on_the_local_store(tmp_path):
+    """Embedded mode (SQLite, a local artifact directory): `backbone:../../jobs/...` named a file that
+    exists in the store, another owner's model, and was accepted. Now it is refused as not an id."""
+    from fastapi.testclient import TestClient
+    from nnm.service.context import ServiceContext
+    from nnm.service.gateway.app import create_app
+    from nnm.service.jobspec import SpecError, uploaded_backbone
+    from nnm.service.settings import load_settings
+
+    ctx = ServiceContext.from_settings(load_settings(env={}, data_dir=tmp_path, reconcile_interval_s=0), migrate=True)
+    victim = "jobs/job_" + "a" * 32 + "/a1/pretext/model.pt"
+    ctx.store.put_bytes(victim, b"someone else's weights")
+    hostile = "backbone:../../" + victim.removesuffix(".pt")
+    assert ctx.store.exists(f"backbones/public/{hostile.removeprefix('backbone:')}.pt")  # the hole was real
+    with TestClient(create_app(ctx)) as api:
+        dataset = api.post("/v1/datasets", json={"builtin": "digits"}).json()
+        for job_type in ("pretext", "pipeline"):
+            r = api.post("/v1/jobs", json={"type": job_type, "dataset_id": dataset["id"],
+                                           "params": {"preset": "quick", "pretext": {"init": hostile}}})
+            assert r.status_code == 422 and "uploaded backbone" in r.json()["detail"], r.text
+        assert api.get("/v1/jobs").json()["items"] == []
+    with pytest.raises(SpecError):  # the worker checks it again before it fetches anything
+        uploaded_backbone(hostile)
