@@ -142,7 +142,15 @@ class JobOut(_Model):
     stage: str | None = None
     stages: list[StageOut] = Field(default_factory=list)
     progress: Progress | None = None
-    metrics: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "The job's figures (acc, nmi, ari, top5 where labels exist). `evaluated_on` names the split they "
+            "come from: `test` when the dataset has a test split that was not trained on (built-ins with one, "
+            "uploads with train/ and test/ folders), then the clustered images' own figures are under `train`; "
+            "otherwise `train` (the clustered images)."
+        ),
+    )
     error: Problem | None = None
     artifacts: list[ArtifactOut] = Field(default_factory=list)
     model_id: str | None = None

@@ -3,7 +3,9 @@
     python bench/split_cifar10.py ../shared/data/cifar10-train-jpg.zip OUT_DIR [--per-class 500]
 
 Writes OUT_DIR/cifar10-train45k.zip and OUT_DIR/cifar10-holdout5k.zip (ImageFolder layout,
-JPEG bytes copied unchanged). The choice is a fixed-seed shuffle per class, so reruns agree.
+JPEG bytes copied unchanged), and OUT_DIR/cifar10-split.zip holding both as `train/` and `test/`
+(the layout from which `nnm pipeline` reports the held-out figures itself). The choice is a
+fixed-seed shuffle per class, so reruns agree.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 
-def split(source: Path, out_dir: Path, per_class: int = 500, seed: int = 0) -> tuple[Path, Path]:
+def split(source: Path, out_dir: Path, per_class: int = 500, seed: int = 0) -> tuple[Path, Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     train_zip = out_dir / f"cifar10-train{(50000 - 10 * per_class) // 1000}k.zip"
     hold_zip = out_dir / f"cifar10-holdout{10 * per_class // 1000}k.zip"
-    if train_zip.exists() and hold_zip.exists():
-        return train_zip, hold_zip
+    both_zip = out_dir / "cifar10-split.zip"
+    if train_zip.exists() and hold_zip.exists() and both_zip.exists():
+        return train_zip, hold_zip, both_zip
     with zipfile.ZipFile(source) as src:
         by_class: dict[str, list[str]] = defaultdict(list)
         for name in src.namelist():
@@ -33,16 +36,18 @@ def split(source: Path, out_dir: Path, per_class: int = 500, seed: int = 0) -> t
             names = sorted(by_class[cls])
             rng.shuffle(names)
             held.update(names[:per_class])
-        for target, keep in ((train_zip, False), (hold_zip, True)):
+        for target, parts in ((train_zip, ((False, ""),)), (hold_zip, ((True, ""),)),
+                              (both_zip, ((False, "train/"), (True, "test/")))):
             tmp = target.with_suffix(".tmp")
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
-                for cls in sorted(by_class):
-                    for name in sorted(by_class[cls]):
-                        if (name in held) == keep:
-                            parts = PurePosixPath(name).parts
-                            dst.writestr(f"{parts[-2]}/{parts[-1]}", src.read(name))
+                for keep, prefix in parts:
+                    for cls in sorted(by_class):
+                        for name in sorted(by_class[cls]):
+                            if (name in held) == keep:
+                                p = PurePosixPath(name).parts
+                                dst.writestr(f"{prefix}{p[-2]}/{p[-1]}", src.read(name))
             tmp.replace(target)
-    return train_zip, hold_zip
+    return train_zip, hold_zip, both_zip
 
 
 if __name__ == "__main__":

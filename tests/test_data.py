@@ -367,3 +367,76 @@ def test_assign_takes_bytes_paths_and_open_files_and_names_a_bad_one(tmp_path):
         assign_images(model, [("half.png", blank_png(4000)[:20_000])])
     with pytest.raises(DatasetError, match="cannot read image '.*missing.png'"):
         read_image_files([tmp_path / "missing.png"])
+
+
+def _split_folder(root, data, with_unlabeled=True, missing_test_class=None):
+    """digits as train/ (even indices), test/ (odd) and unlabeled/ (flat, every 5th) inside `root/set/`."""
+    for i in range(len(data)):
+        arr = data.images[i].numpy()[0]
+        name = data.class_names[int(data.labels[i])]
+        split = "train" if i % 2 == 0 else "test"
+        if with_unlabeled and i % 5 == 0:
+            (root / "set" / "unlabeled").mkdir(parents=True, exist_ok=True)
+            (root / "set" / "unlabeled" / f"u{i:05d}.png").write_bytes(png_bytes(arr))
+        if split == "test" and name == missing_test_class:
+            continue
+        folder = root / "set" / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.png").write_bytes(png_bytes(arr))
+    return root
+
+
+def test_folder_with_train_and_test_has_splits(tmp_path, small_digits):
+    root = _split_folder(tmp_path / "f", small_digits, missing_test_class="3")
+    z = write_zip(tmp_path / "s.zip", {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))
+    })
+    labels = small_digits.labels.numpy()
+    for spec in (str(root), str(z)):
+        train = load_dataset(spec)
+        test = load_dataset(spec + ":test")
+        assert load_dataset(spec, "train").names == train.names
+        assert train.source.endswith(":train") and test.source.endswith(":test")
+        assert train.extra["splits"] == ["test", "train", "unlabeled"]
+        # class names are shared: test/ has no class 3, yet its labels index the same ten names
+        assert train.class_names == test.class_names == [str(c) for c in range(10)]
+        assert len(train) == 200 and len(test) == 200 - 20
+        np.testing.assert_array_equal(train.labels.numpy(), labels[0::2])
+        np.testing.assert_array_equal(test.labels.numpy(), labels[1::2][labels[1::2] != 3])
+        assert all(n.startswith("set/test/") for n in test.names)
+        both = load_dataset(spec, "train+unlabeled")
+        assert len(both) == 200 + 80 and not both.has_labels
+        assert (both.labels == -1).sum() == 80
+        with pytest.raises(DatasetError, match="no split 'val'"):
+            load_dataset(spec, "val")
+    summary = inspect_image_folder(z)
+    assert summary.splits == {"test": 180, "train": 200, "unlabeled": 80}
+    assert summary.class_names == [str(c) for c in range(10)]
+
+
+def test_folder_without_splits_refuses_a_split_and_class_folders_named_train_stay_classes(tmp_path, small_digits):
+    flat = write_image_folder(tmp_path / "plain", small_digits)
+    with pytest.raises(DatasetError, match="has no splits"):
+        load_dataset(str(flat) + ":test")
+    # a single folder called train/ is not a split layout: its sub-folders are the classes
+    only_train = write_image_folder(tmp_path / "one" / "train", small_digits)
+    data = load_dataset(str(only_train.parent))
+    assert data.class_names == [str(c) for c in range(10)] and "splits" not in data.extra
+
+
+def test_the_held_out_split_is_test_when_a_data_set_has_one_that_was_not_trained_on(tmp_path, small_digits):
+    from nnm.engine.data import held_out_split, parse_dataset_spec
+
+    assert held_out_split("cifar10", None) == "test"
+    assert held_out_split("cifar20", "train") == "test"
+    assert held_out_split("stl10", None) == "test"
+    assert held_out_split("cifar10:test", None) is None
+    assert held_out_split("cifar10", "train+test") is None
+    assert held_out_split("digits", None) is None and held_out_split("mnist5k", None) is None
+    root = _split_folder(tmp_path / "f", small_digits, with_unlabeled=False)
+    train = load_dataset(str(root))
+    assert held_out_split(str(root), None, train) == "test"
+    plain = write_image_folder(tmp_path / "plain", small_digits)
+    assert held_out_split(str(plain), None, load_dataset(str(plain))) is None
+    assert parse_dataset_spec(f"{root}:test") == (str(root), "test")
+    assert parse_dataset_spec("cifar10:test") == ("cifar10", "test")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import png_bytes, run_cli, write_image_folder
 from nnm.engine.data import load_dataset
 from nnm.engine.metrics import accuracy_after_matching, match_clusters
 from PIL import Image
@@ -119,3 +119,45 @@ def test_same_seed_same_metrics(tmp_path):
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     for key in ("acc", "nmi", "ari", "cluster_sizes", "mean_confidence"):
         assert ma[key] == mb[key]
+
+
+def test_split_folder_reports_the_test_split_and_keeps_the_training_figures(tmp_path, small_digits):
+    """A zip with train/, test/ and unlabeled/: the pretext uses train+unlabeled, the headline figures are
+    the test split's (the same as `nnm evaluate` on `ZIP:test`), and the training split's stay beside them."""
+    import zipfile
+
+    members = {}
+    for i in range(len(small_digits)):
+        arr = small_digits.images[i].numpy()[0]
+        name = small_digits.class_names[int(small_digits.labels[i])]
+        split = "train" if i % 4 else "test"  # 300 train, 100 test
+        members[f"{split}/{name}/{i:04d}.png"] = png_bytes(arr)
+        if i % 4 == 1:
+            members[f"unlabeled/{i:04d}.png"] = png_bytes(arr)
+    zpath = tmp_path / "split.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for k, v in members.items():
+            z.writestr(k, v)
+    out = tmp_path / "run"
+    r = run_cli("pipeline", "--dataset", str(zpath), "--preset", "quick", "--quiet", "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test"
+    assert metrics["num_images"] == 100 and metrics["dataset"] == f"{zpath}:test"
+    assert metrics["train"]["num_images"] == 300 and metrics["train"]["dataset"] == f"{zpath}:train"
+    train = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["train"]["acc"] == train["acc"] and metrics["train"]["nmi"] == train["nmi"]
+    with open(out / "assignments.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 100 and all(row["image"].startswith("test/") for row in rows)
+    with open(out / "train_assignments.csv") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 300
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["pretext_split"] == "train+unlabeled"
+    pretext = json.loads((out / "pretext" / "done.json").read_text())
+    assert pretext["fingerprint"]["data"]["shape"][0] == 300 + 100
+    r = run_cli("evaluate", "--model", str(out / "model"), "--dataset", f"{zpath}:test", "--out", str(tmp_path / "ev"),
+                "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["acc"] == pytest.approx(metrics["acc"]) and again["num_images"] == 100

@@ -64,3 +64,30 @@ def test_embedded_pipeline_assign_and_artifacts(embedded):
     # Work directories of finished jobs are removed.
     time.sleep(0.5)
     assert not (data_dir / "work" / final["id"]).exists()
+
+
+def test_an_upload_with_train_and_test_folders_reports_the_test_split(embedded, tmp_path):
+    """Through the API: the upload's classes are its class folders (not `train`/`test`), and the job's
+    headline metrics come from `test/`, with the training images' figures beside them."""
+    import zipfile
+
+    from sklearn.datasets import load_digits
+
+    client, _ = embedded
+    d = load_digits()
+    path = tmp_path / "split.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(400):
+            png = io.BytesIO()
+            Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).save(png, format="PNG")
+            z.writestr(f"mine/{'test' if i % 4 == 0 else 'train'}/{d.target[i]}/{i:04d}.png", png.getvalue())
+    ds = client.upload_dataset(path, "split digits")
+    assert ds["classes"] == [str(c) for c in range(10)]
+    job = client.submit("pipeline", ds["id"], FAST_PIPELINE)
+    final = client.wait(job["id"], timeout=900, poll_s=0.5)
+    assert final["status"] == "succeeded", final["error"]
+    m = final["metrics"]
+    assert m["evaluated_on"] == "test" and m["num_images"] == 100
+    assert m["train"]["num_images"] == 300 and 0.0 < m["train"]["acc"] <= 1.0
+    names = {a["name"] for a in final["artifacts"]}
+    assert {"confusion_matrix.png", "train_confusion_matrix.png", "train_assignments.csv"} <= names

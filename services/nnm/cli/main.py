@@ -264,7 +264,8 @@ def _print(obj: Any) -> None:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ["acc", "nmi", "ari", "top5", "num_images", "num_clusters", "empty_clusters", "mean_confidence"]
+    keys = ["evaluated_on", "acc", "nmi", "ari", "top5", "num_images", "num_clusters", "empty_clusters",
+            "mean_confidence", "train"]
     return {k: metrics[k] for k in keys if k in metrics}
 
 

@@ -110,6 +110,10 @@ class DataConfig(Strict):
     split: str | None = None
     #: Split for the pretext stage (None: same as `split`; STL-10 uses train+unlabeled).
     pretext_split: str | None = None
+    #: Split the headline metrics come from. "auto": `test` when the data set has a test split that was
+    #: not trained on (built-ins, folders with train/ and test/), else the clustered images; None: always
+    #: the clustered images.
+    eval_split: str | None = "auto"
     #: Square side images are resized to once, on load (None: native size when uniform).
     image_size: int | None = Field(None, ge=8, le=1024)
     #: Where built-in datasets are downloaded (None: $NNM_DATASETS_DIR or ~/.cache/nnm/datasets).

@@ -38,6 +38,8 @@ PIL_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM"]
 BUILTIN_DATASETS = ("cifar10", "cifar20", "stl10", "mnist5k", "digits")
 #: Side used for folders whose images differ in size, unless the config names one.
 DEFAULT_FOLDER_SIZE = 96
+#: Top-level folders that split a folder or archive (`PATH:test` selects one; `train` is the default).
+SPLIT_FOLDERS = ("train", "test", "unlabeled")
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,40 @@ def default_data_root() -> Path:
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
-    """Split `name:split` (e.g. `cifar10:test`); paths that exist are returned whole."""
+    """Split `name:split` (e.g. `cifar10:test`, `photos.zip:test`); paths that exist are returned whole."""
     if Path(spec).exists():
         return spec, None
     name, sep, split = spec.partition(":")
     if sep and name.lower() in BUILTIN_DATASETS:
         return name.lower(), split or None
+    path, sep, split = spec.rpartition(":")
+    if sep and split and Path(path).expanduser().exists():
+        return path, split
     return spec, None
+
+
+def is_builtin(spec: str) -> bool:
+    """Whether `spec` names a built-in dataset (possibly with a split) rather than a path."""
+    name, _ = parse_dataset_spec(spec)
+    return name in BUILTIN_DATASETS and not Path(name).exists()
+
+
+def dataset_splits(spec: str, data: ImageSet | None = None) -> tuple[str, ...]:
+    """The splits `spec` offers: a built-in's own, a split folder's (read from `data`, loaded from it)."""
+    name, _ = parse_dataset_spec(spec)
+    if is_builtin(spec):
+        return tuple(BUILTIN_INFO[name].counts)
+    if data is not None:
+        return tuple(data.extra.get("splits", ()))  # type: ignore[arg-type]
+    return ()
+
+
+def held_out_split(spec: str, split: str | None, data: ImageSet | None = None) -> str | None:
+    """The split the headline metrics come from: `test` when the data set has one and it was not trained on."""
+    trained = set((split or parse_dataset_spec(spec)[1] or "train").split("+"))
+    if "test" in dataset_splits(spec, data) and "test" not in trained:
+        return "test"
+    return None
 
 
 def load_dataset(
@@ -129,15 +158,13 @@ def load_dataset(
     if name.lower() in BUILTIN_DATASETS and not Path(spec).exists():
         data = _load_builtin(name.lower(), split or "train", Path(root) if root else default_data_root())
     else:
-        path = Path(spec).expanduser()
+        path = Path(name).expanduser()
         if not path.exists():
             raise DatasetError(
                 f"dataset '{spec}' is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
                 "nor an existing folder or .zip file"
             )
-        if split is not None:
-            raise DatasetError(f"a folder or archive has no splits, but split '{split}' was asked for")
-        data = load_image_folder(path, image_size=image_size, limits=limits or LoadLimits())
+        data = load_image_folder(path, image_size=image_size, limits=limits or LoadLimits(), split=split)
     if image_size is not None and data.image_size != image_size:
         data.images = resize_batch(data.images, image_size)
     return data
@@ -283,6 +310,8 @@ class FolderSummary:
     channels: int
     class_names: list[str] | None
     names: list[str]
+    #: Images per split for a folder with train/ and test/ (or unlabeled/) folders, else None.
+    splits: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -431,6 +460,52 @@ def _folder_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
             if len(entries) > limits.max_files:
                 raise DatasetError(f"folder holds more than {limits.max_files} images, the limit")
     return entries
+
+
+@dataclass(frozen=True)
+class _Splits:
+    """A folder whose top level (below one shared folder at most) holds train/ and test/ or unlabeled/."""
+
+    depth: int  # path parts above the split folder
+    members: dict[str, list[int]]  # split -> entry indices
+
+    def pick(self, split: str, where: Path) -> list[int]:
+        names = split.split("+")
+        missing = [n for n in names if n not in self.members]
+        if missing or len(set(names)) != len(names):
+            raise DatasetError(
+                f"'{where.name}' has no split '{split}'; choose from {', '.join(sorted(self.members))} "
+                "(or several joined by '+')"
+            )
+        return sorted(i for n in names for i in self.members[n])
+
+    def classes(self, paths: list[PurePosixPath]) -> tuple[list[str] | None, dict[int, int]]:
+        """Class names shared by the labelled splits (train/ and test/) and each of their images' label."""
+        labelled = [i for n in ("train", "test") for i in self.members.get(n, [])]
+        if not labelled:
+            return None, {}
+        stripped, classes = _class_layout([PurePosixPath(*paths[i].parts[self.depth + 1 :]) for i in labelled])
+        if classes is None:
+            return None, {}
+        index = {c: k for k, c in enumerate(classes)}
+        return classes, {i: index[p.parts[0]] for i, p in zip(labelled, stripped, strict=True)}
+
+
+def _split_layout(paths: list[PurePosixPath]) -> _Splits | None:
+    """The splits of a folder laid out as `train/`, `test/` and optionally `unlabeled/`, else None."""
+    parts = [p.parts for p in paths]
+    depth = 0
+    while all(len(p) > depth + 2 for p in parts) and len({p[depth] for p in parts}) == 1:
+        if parts[0][depth] in SPLIT_FOLDERS:
+            break
+        depth += 1
+    tops = {p[depth] if len(p) > depth + 1 else "" for p in parts}
+    if not tops <= set(SPLIT_FOLDERS) or "train" not in tops or len(tops) < 2:
+        return None
+    members: dict[str, list[int]] = {}
+    for i, p in enumerate(parts):
+        members.setdefault(p[depth], []).append(i)
+    return _Splits(depth, members)
 
 
 def _class_layout(paths: list[PurePosixPath]) -> tuple[list[PurePosixPath], list[str] | None]:
@@ -630,13 +705,16 @@ def _decode_entry(
         return gray, pil_to_uint8(fit_square(img, size)) if resize else None
 
 
-def _scan(
-    path: Path, archive: zipfile.ZipFile | None, limits: LoadLimits, image_size: int | None
-) -> tuple[list[_Entry], int]:
-    """Entries of a folder or open archive, and the side chosen from their headers (see `load_image_folder`)."""
+def _list_entries(path: Path, archive: zipfile.ZipFile | None, limits: LoadLimits) -> list[_Entry]:
+    """Image entries of a folder or open archive (none decoded yet)."""
     entries = _zip_entries(archive, limits) if archive is not None else _folder_entries(path, limits)
     if not entries:
         raise DatasetError(f"no images found in '{path}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return entries
+
+
+def _scan(entries: list[_Entry], limits: LoadLimits, image_size: int | None) -> tuple[list[_Entry], int]:
+    """The entries, and the side chosen from their headers (see `load_image_folder`)."""
     headers = list(ordered_map(lambda i: _read_header(entries[i], limits), len(entries)))
     sizes = {(w, h) for w, h, _ in headers}
     only = next(iter(sizes))
@@ -670,17 +748,39 @@ def _budget_words(archive: zipfile.ZipFile | None) -> str:
     return "archive expands to more than" if archive is not None else "the images hold more than"
 
 
-def load_image_folder(path: Path, image_size: int | None = None, limits: LoadLimits | None = None) -> ImageSet:
+def load_image_folder(
+    path: Path, image_size: int | None = None, limits: LoadLimits | None = None, split: str | None = None
+) -> ImageSet:
     """Decode a folder or .zip of images (ImageFolder layout, or flat for unlabelled images).
 
-    Every image becomes a square of side `image_size` (default: the images' own side when all are the
-    same square of at most 256 pixels, else `DEFAULT_FOLDER_SIZE`), in one channel when every image is
-    grayscale. Peak memory is the output plus a few images being decoded (`DECODE_WORKERS`).
+    A folder whose top level holds `train/` and `test/` (and optionally `unlabeled/`), each in that
+    layout, has splits: `split` picks one or several joined by '+' (default `train`); class names are
+    shared by train/ and test/, and unlabeled/ images get label -1. Every image becomes a square of side
+    `image_size` (default: the images' own side when all are the same square of at most 256 pixels, else
+    `DEFAULT_FOLDER_SIZE`), in one channel when every image is grayscale. Peak memory is the output plus a
+    few images being decoded (`DECODE_WORKERS`).
     """
     limits = limits or LoadLimits()
     with _open_folder(path, limits) as archive:
-        entries, side = _scan(path, archive, limits, image_size)
-        relpaths, classes = _class_layout([e.relpath for e in entries])
+        entries = _list_entries(path, archive, limits)
+        paths = [e.relpath for e in entries]
+        layout = _split_layout(paths)
+        split_labels: np.ndarray | None = None
+        if layout is None:
+            if split is not None:
+                raise DatasetError(
+                    f"'{path.name}' has no splits (no train/ and test/ folders at its top level), "
+                    f"but split '{split}' was asked for"
+                )
+        else:
+            picked = layout.pick(split or "train", path)
+            classes, label_of = layout.classes(paths)
+            if classes is not None:  # unlabeled/ images (and any without a class) get -1
+                split_labels = np.array([label_of.get(i, -1) for i in picked], dtype=np.int64)
+            entries = [entries[i] for i in picked]
+        entries, side = _scan(entries, limits, image_size)
+        if layout is None:
+            relpaths, classes = _class_layout([e.relpath for e in entries])
         target = image_size or side
         budget, colour = _Budget(limits.max_total_bytes, _budget_words(archive)), threading.Event()
         n = len(entries)
@@ -693,14 +793,18 @@ def load_image_folder(path: Path, image_size: int | None = None, limits: LoadLim
                 rgb_out[:i] = out[:i]
                 out = rgb_out
             out[i] = pixels  # a grayscale image fills all three channels of a colour set
-    labels = None
-    if classes is not None:
+    labels = split_labels
+    if layout is None and classes is not None:
         index = {c: k for k, c in enumerate(classes)}
         labels = np.array([index[p.parts[0]] for p in relpaths], dtype=np.int64)
     names = [str(e.relpath) for e in entries]
-    return ImageSet(
-        torch.from_numpy(out), None if labels is None else torch.from_numpy(labels), classes, names, source=str(path)
+    source = str(path) if layout is None else f"{path}:{split or 'train'}"
+    data = ImageSet(
+        torch.from_numpy(out), None if labels is None else torch.from_numpy(labels), classes, names, source=source
     )
+    if layout is not None:
+        data.extra["splits"] = sorted(layout.members)
+    return data
 
 
 def inspect_image_folder(path: Path, limits: LoadLimits | None = None) -> FolderSummary:
@@ -711,13 +815,16 @@ def inspect_image_folder(path: Path, limits: LoadLimits | None = None) -> Folder
     """
     limits = limits or LoadLimits()
     with _open_folder(path, limits) as archive:
-        entries, side = _scan(path, archive, limits, None)
-        _, classes = _class_layout([e.relpath for e in entries])
+        entries, side = _scan(_list_entries(path, archive, limits), limits, None)
+        paths = [e.relpath for e in entries]
+        layout = _split_layout(paths)
+        classes = _class_layout(paths)[1] if layout is None else layout.classes(paths)[0]
         budget, colour = _Budget(limits.max_total_bytes, _budget_words(archive)), threading.Event()
         for _ in ordered_map(lambda i: _decode_entry(entries[i], limits, budget, side, False, colour), len(entries)):
             pass
         gray = not colour.is_set()
-    return FolderSummary(len(entries), side, 1 if gray else 3, classes, [str(e.relpath) for e in entries])
+    splits = None if layout is None else {name: len(idx) for name, idx in sorted(layout.members.items())}
+    return FolderSummary(len(entries), side, 1 if gray else 3, classes, [str(e.relpath) for e in entries], splits)
 
 
 def image_cost(source: ImageSource, name: str, size: int, max_pixels: int) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_json
 from .config import PipelineConfig, deep_merge, parse_config
-from .data import ImageSet, load_dataset, parse_dataset_spec
+from .data import ImageSet, dataset_splits, held_out_split, is_builtin, load_dataset, parse_dataset_spec
 from .errors import DatasetError
 from .model_io import InputSpec, ModelInfo, TrainedModel
 from .presets import DatasetTraits, build_preset
@@ -31,10 +31,11 @@ def resolve_config(
         data = load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"))
     name, _ = parse_dataset_spec(dataset)
     traits = DatasetTraits(
-        builtin=name if not Path(dataset).exists() else None,
+        builtin=name if is_builtin(dataset) else None,
         image_size=data.image_size,
         channels=data.channels,
         num_images=len(data),
+        splits=dataset_splits(dataset, data),
     )
     return config_for_traits(dataset, preset, overrides, traits)
 
@@ -47,6 +48,12 @@ def config_for_traits(dataset: str, preset: str, overrides: dict[str, Any], trai
     merged = deep_merge(build_preset(preset, traits, cuda), overrides)
     merged = deep_merge(merged, {"data": {"dataset": dataset}})
     return parse_config(PipelineConfig, merged)
+
+
+#: What the self-labelling guard saw (label-free), kept in metrics.json.
+GUARD_KEYS = ("quality_before", "quality_after", "scan_loss_before", "scan_loss_after")
+#: Figures of the clustered images kept beside the held-out split's headline figures in metrics.json.
+TRAIN_KEYS = ("dataset", "num_images", "acc", "nmi", "ari", "top5", "cluster_sizes")
 
 
 def _stage_timing(summary: dict[str, Any]) -> dict[str, Any]:
@@ -90,16 +97,18 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     summary = run_cluster(cluster_cfg, data, out / "pretext", out / "mine", out / "cluster", rt, sink)
     timings["cluster"] = _stage_timing(summary)
     final = out / "cluster"
-    selflabel_kept = None
+    selflabel_kept, guard = None, None
     if cfg.selflabel.enabled:
         neighbors = out / "mine" / "neighbors.npy" if cfg.selflabel.guard else None
         summary = run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink, neighbors)
         timings["selflabel"] = _stage_timing(summary)
         selflabel_kept = summary.get("improved", True)
+        guard = {k: summary[k] for k in GUARD_KEYS if k in summary}
         if selflabel_kept:
             final = out / "selflabel"
         else:
-            sink.message("selflabel: the label-free SCAN loss rose, so the clustering model is kept")
+            sink.message("selflabel: fewer mined neighbours share a cluster after self-labelling (or a cluster "
+                         "shrank), so the clustering model is kept")
 
     model, meta = load_cluster_model(final)
     spec = InputSpec.model_validate(meta["input"])
@@ -113,15 +122,29 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
             method=cfg.cluster.method,
         ),
     )
-    metrics = run_evaluate(trained, data, out, cfg.evaluate, rt, sink)
+    held_out = held_out_split(d.dataset, d.split, data) if d.eval_split == "auto" else d.eval_split
+    # The clustered images' own figures (the model's cluster -> class mapping comes from them); with a
+    # held-out split they are kept beside the headline as `train` and files prefixed `train_`.
+    train_metrics = run_evaluate(trained, data, out, cfg.evaluate, rt, None if held_out else sink,
+                                 prefix="train_" if held_out else "")
     if data.has_labels:
-        trained.info.cluster_to_class = metrics["cluster_to_class"]
+        trained.info.cluster_to_class = train_metrics["cluster_to_class"]
     else:
         trained.info.class_names = None
+    if held_out:
+        test_data = load_dataset(d.dataset, held_out, d.image_size or data.image_size, d.root)
+        metrics = run_evaluate(trained, test_data, out, cfg.evaluate, rt, sink)
+        metrics["evaluated_on"] = held_out
+        metrics["train"] = {key: train_metrics[key] for key in TRAIN_KEYS if key in train_metrics}
+    else:
+        metrics = train_metrics
+        metrics["evaluated_on"] = "train"
     trained.save(out / "model")
     metrics["neighbor_accuracy"] = mine_summary.get("neighbor_accuracy")
     metrics["final_stage"] = final.name
     metrics["selflabel_kept"] = selflabel_kept
+    if guard:
+        metrics["selflabel_guard"] = guard
     metrics["timings"] = timings | {"total_seconds": round(time.perf_counter() - started, 2)}
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -28,6 +28,8 @@ class DatasetTraits:
     image_size: int
     channels: int
     num_images: int
+    #: Splits of the data set (a built-in's, or a folder's train/ test/ unlabeled/); () when it has none.
+    splits: tuple[str, ...] = ()
 
 
 def _paper_family(t: DatasetTraits) -> str:
@@ -198,7 +200,12 @@ def build_preset(name: str, traits: DatasetTraits, cuda: bool) -> dict[str, Any]
     if name == "auto":
         name = "nnm" if cuda else "cpu"
     if name in {"nnm", "scan"}:
-        return _paper(name, traits)
-    if name == "cpu":
-        return _cpu(traits)
-    return _quick(traits)
+        cfg = _paper(name, traits)
+    elif name == "cpu":
+        cfg = _cpu(traits)
+    else:
+        cfg = _quick(traits)
+    if traits.builtin is None and "unlabeled" in traits.splits:
+        # A folder's unlabeled/ images train the backbone, as STL-10's do in the papers.
+        cfg["data"] = cfg.get("data", {}) | {"pretext_split": "train+unlabeled"}
+    return cfg

@@ -45,12 +45,13 @@ def run_evaluate(
     cfg: EvaluateConfig | None = None,
     runtime_cfg: RuntimeConfig | None = None,
     sink: ProgressSink | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """Evaluate `model` on `data` and write into `out_dir`:
 
     `metrics.json` (acc, nmi, ari, top5 and per-class accuracy when labels exist; cluster sizes and
     confidences always), `confusion_matrix.json` / `.png` (labelled data), `prototypes.png` /
-    `.json` and `assignments.csv`.
+    `.json` and `assignments.csv`, each name preceded by `prefix`.
     """
     cfg = cfg or EvaluateConfig()
     sink = sink or ProgressSink()
@@ -77,7 +78,7 @@ def run_evaluate(
         m = clustering_metrics(probs, labels, data.class_names)
         cm = np.asarray(m.pop("confusion_matrix"))
         atomic_write_json(
-            out / "confusion_matrix.json",
+            out / f"{prefix}confusion_matrix.json",
             {
                 "class_names": m["class_names"],
                 "normalization": "rows divided by true-class counts",
@@ -89,7 +90,7 @@ def run_evaluate(
         confusion_matrix_png(
             cm,
             m["class_names"],
-            out / "confusion_matrix.png",
+            out / f"{prefix}confusion_matrix.png",
             title=f"ACC {m['acc']:.3f}  NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}",
         )
         metrics |= m
@@ -103,9 +104,9 @@ def run_evaluate(
         if mapping is not None and names and mapping[c] >= 0:
             cap += f"\n-> {names[mapping[c]]}"
         captions.append(cap)
-    prototypes_png(images.numpy(), rows, captions, out / "prototypes.png")
+    prototypes_png(images.numpy(), rows, captions, out / f"{prefix}prototypes.png")
     atomic_write_json(
-        out / "prototypes.json",
+        out / f"{prefix}prototypes.json",
         {
             "clusters": [
                 {"cluster": c, "size": sizes[c], "images": [data.names[i] for i in r]} for c, r in enumerate(rows)
@@ -121,7 +122,7 @@ def run_evaluate(
         if labels is not None and data.class_names:
             row.append(data.class_names[labels[i]])
         writer.writerow(row)
-    atomic_write_bytes(out / "assignments.csv", buf.getvalue().encode())
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_bytes(out / f"{prefix}assignments.csv", buf.getvalue().encode())
+    atomic_write_json(out / f"{prefix}metrics.json", metrics)
     sink.stage_finished("evaluate", metrics)
     return metrics
