@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from nnm.engine.checkpoint import extract_state_dict, import_backbone, safe_load
 from nnm.engine.config import BackboneConfig
 from nnm.engine.errors import CheckpointError
@@ -25,6 +26,59 @@ def test_backbones_produce_512_features(arch, size):
     net = build_backbone(BackboneConfig(arch=arch), 3).eval()
     with torch.no_grad():
         assert net(torch.randn(2, 3, size, size)).shape == (2, 512)
+
+
+def _reference_stl_resnet18(sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Independent eval-mode forward of the published STL-10 ResNet-18 layout over a state dict.
+
+    3x3 stride-1 stem + BN + ReLU, MaxPool2d(kernel 2, stride 2, padding 1), four stages of two basic
+    blocks (strides 1, 2, 2, 2; 1x1 conv + BN projection shortcut when the shape changes), then a fixed
+    7x7 average pool. Returns the features and the spatial side entering the average pool.
+    """
+
+    def bn(t, p):
+        w, b, rm, rv = (sd[f"{p}.{k}"] for k in ("weight", "bias", "running_mean", "running_var"))
+        return F.batch_norm(t, rm, rv, w, b, training=False, eps=1e-5)
+
+    def block(t, p, stride):
+        out = F.relu(bn(F.conv2d(t, sd[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
+        out = bn(F.conv2d(out, sd[f"{p}.conv2.weight"], stride=1, padding=1), f"{p}.bn2")
+        if f"{p}.shortcut.0.weight" in sd:
+            t = bn(F.conv2d(t, sd[f"{p}.shortcut.0.weight"], stride=stride), f"{p}.shortcut.1")
+        return F.relu(out + t)
+
+    t = F.relu(bn(F.conv2d(x, sd["conv1.weight"], stride=1, padding=1), "bn1"))
+    t = F.max_pool2d(t, kernel_size=2, stride=2, padding=1)
+    for layer, stride in zip((1, 2, 3, 4), (1, 2, 2, 2), strict=True):
+        t = block(t, f"layer{layer}.0", stride)
+        t = block(t, f"layer{layer}.1", 1)
+    side = t.shape[-1]
+    return F.avg_pool2d(t, 7).flatten(1), side
+
+
+def test_stl_backbone_matches_the_published_layout_numerically():
+    torch.manual_seed(0)
+    net = build_backbone(BackboneConfig(arch="resnet18-stl", width=8), 3).double()
+    # Random, non-trivial BN affine parameters and running statistics, so every BN matters.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    sizes = []
+    net.layer1.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+    net.layer4.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+    x = torch.randn(3, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        ours = net(x)
+        ref, ref_side = _reference_stl_resnet18(net.state_dict(), x)
+    assert ref_side == 7
+    assert sizes == [49, 7]  # 96 -> 49 after the padded max-pool; 7 x 7 into the final pool
+    assert ours.shape == ref.shape == (3, 64)
+    assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-10)
 
 
 def test_resnet50_is_torchvision_layout():

@@ -33,9 +33,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Small(nn.Module):
-    """ResNet-18 for small images: 3x3 stride-1 stem, no max-pool (CIFAR) or a 2x2 max-pool (STL).
+    """ResNet-18 for small images: 3x3 stride-1 stem, then no max-pool (CIFAR) or, with `stem_pool`, the
+    STL-10 layout's 2x2 stride-2 max-pool with padding 1.
 
-    `width` is the channel count of the first stage (64 for the standard network).
+    On 96x96 STL-10 images the padded pool gives the reference spatial sizes 96 -> 49 -> 49 -> 25 -> 13 -> 7,
+    so the final average pool covers 7x7 (an unpadded pool would give 48 -> ... -> 6). The final pool is
+    adaptive, so other image sizes work too. `width` is the channel count of the first stage (64 for the
+    standard network).
     """
 
     def __init__(self, width: int = 64, in_channels: int = 3, stem_pool: bool = False):
@@ -55,7 +59,7 @@ class ResNet18Small(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         if self.stem_pool:
-            x = F.max_pool2d(x, 2, 2)
+            x = F.max_pool2d(x, kernel_size=2, stride=2, padding=1)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
