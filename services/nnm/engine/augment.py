@@ -98,8 +98,8 @@ def crop_flip_rotate_theta(
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """Batched RGB -> HSV, all channels in [0, 1]."""
     r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
+    maxc = x.amax(dim=1)
+    minc = x.amin(dim=1)
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
@@ -110,18 +110,19 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Batched HSV -> RGB, all channels in [0, 1]."""
+    """Batched HSV -> RGB, all channels in [0, 1].
+
+    Closed form: channel c (n = 5, 3, 1 for R, G, B) is v - v * s * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6 h) mod 6, the same function as the six-sector formula without per-sector selects.
+    """
     h, s, v = x.unbind(dim=1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = torch.zeros_like(x)
-    for k, (rr, gg, bb) in enumerate(choices):
-        m = (i == k).unsqueeze(1)
-        out = torch.where(m, torch.stack([rr, gg, bb], dim=1), out)
-    return out
+    h6 = h * 6.0
+    vs = v * s
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        out.append(v - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(out, dim=1)
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -171,8 +172,39 @@ def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.floor(x * 255.0 / step) * step / 255.0
 
 
+def per_image_order(n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A random permutation of `range(k)` for each of `n` images, shape (n, k), without host syncs.
+
+    Row i lists the operations of image i in the order they are applied (argsort of uniform noise gives
+    uniformly random permutations).
+    """
+    return torch.rand(n, k, generator=gen, device=device).argsort(dim=1)
+
+
+def _blend_step(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Apply, per image, brightness (op 0), contrast (op 1) or saturation (op 2) with that image's factor.
+
+    All three are `clamp(f * x + (1 - f) * ref)` with ref = 0, the mean luma, or the pixel's luma, i.e. the
+    same arithmetic as `adjust_brightness` / `adjust_contrast` / `adjust_saturation`. Images whose op is
+    anything else (hue, or jitter not applied) get factor 1, which is an exact identity for x in [0, 1].
+    `factors` has shape (n, 3): the brightness, contrast and saturation factor of each image.
+    """
+    f = torch.where(
+        op < 3, factors.gather(1, op.clamp(max=2).unsqueeze(1)).squeeze(1), torch.ones_like(op, dtype=x.dtype)
+    )
+    gray = grayscale(x)
+    contrast_mean = torch.where(op == 1, gray.mean(dim=(1, 2, 3)), torch.zeros_like(f))
+    # 0, the image's mean luma or the pixel's luma: each is exact (one term is 0 * finite luma).
+    ref = gray * _col((op == 2).to(x.dtype)) + _col(contrast_mean)
+    return (x * _col(f)).add_(ref.mul_(_col(1 - f))).clamp_(0, 1)
+
+
 class SimCLRAugment:
-    """SimCLR's two-view augmentation: resized crop, flip, colour jitter, grayscale."""
+    """SimCLR's two-view augmentation: resized crop, flip, colour jitter, grayscale.
+
+    As torchvision's `ColorJitter` applied image by image, every image draws its own factors and its own
+    order of the four jitter operations (brightness, contrast, saturation, hue).
+    """
 
     def __init__(self, cfg: SimCLRAugmentConfig, mean: Sequence[float], std: Sequence[float]):
         self.cfg = cfg
@@ -183,38 +215,79 @@ class SimCLRAugment:
         x = to_unit_float(images)
         n = x.shape[0]
         x = warp(x, crop_flip_rotate_theta(n, cfg, gen, dev), cfg.crop_size)
-        bs, cs, ss, hs = cfg.jitter
-        apply = _bernoulli(n, cfg.jitter_p, gen, dev)
-        factors = {
-            "b": _uniform(n, max(0.0, 1 - bs), 1 + bs, gen, dev),
-            "c": _uniform(n, max(0.0, 1 - cs), 1 + cs, gen, dev),
-            "s": _uniform(n, max(0.0, 1 - ss), 1 + ss, gen, dev),
-            "h": _uniform(n, -hs, hs, gen, dev),
-        }
-        ident = {"b": 1.0, "c": 1.0, "s": 1.0, "h": 0.0}
-        factors = {k: torch.where(apply, v, torch.full_like(v, ident[k])) for k, v in factors.items()}
-        order = torch.randperm(4, generator=gen, device=dev).tolist()
-        idx = apply.nonzero().squeeze(1)
-        for op in order:
-            if op == 0 and bs > 0:
-                x = adjust_brightness(x, factors["b"])
-            elif op == 1 and cs > 0:
-                x = adjust_contrast(x, factors["c"])
-            elif op == 2 and ss > 0:
-                x = adjust_saturation(x, factors["s"])
-            elif op == 3 and hs > 0 and x.shape[1] == 3 and idx.numel():
-                x[idx] = adjust_hue(x[idx], factors["h"][idx])
+        x = self._jitter(x, gen)
         if x.shape[1] == 3 and cfg.grayscale_p > 0:
             gray = _bernoulli(n, cfg.grayscale_p, gen, dev).view(-1, 1, 1, 1)
             x = torch.where(gray, grayscale(x).expand_as(x), x)
         return self.norm.standardise(x)
 
+    def _jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """ColorJitter with probability `jitter_p`, in a random order drawn for every image."""
+        cfg, dev, n = self.cfg, x.device, x.shape[0]
+        bs, cs, ss, hs = cfg.jitter
+        if cfg.jitter_p == 0 or not any(cfg.jitter):
+            return x
+        apply = _bernoulli(n, cfg.jitter_p, gen, dev)
+        one = torch.ones(n, device=dev)
+        blend = torch.stack(
+            [
+                torch.where(apply, _uniform(n, max(0.0, 1 - bs), 1 + bs, gen, dev), one),
+                torch.where(apply, _uniform(n, max(0.0, 1 - cs), 1 + cs, gen, dev), one),
+                torch.where(apply, _uniform(n, max(0.0, 1 - ss), 1 + ss, gen, dev), one),
+            ],
+            dim=1,
+        )
+        if x.shape[1] == 1:
+            blend[:, 2] = 1.0  # saturation is undefined (and a no-op) on one channel
+        shift = _uniform(n, -hs, hs, gen, dev)
+        # order[i, pos] is the op (0 brightness, 1 contrast, 2 saturation, 3 hue) image i applies at pos.
+        order = per_image_order(n, 4, gen, dev)
+        if not (hs > 0 and x.shape[1] == 3):
+            for pos in range(4):
+                x = _blend_step(x, order[:, pos], blend)
+            return x
+        # Hue needs an HSV round trip, so it runs once for the whole batch: first every image's ops that
+        # come before its hue, then hue (images without jitter keep their pixels), then the ops after it.
+        hue_pos = (order == 3).int().argmax(dim=1)
+        none = torch.full_like(order[:, 0], 3)
+        for pos in range(3):
+            x = _blend_step(x, torch.where(hue_pos > pos, order[:, pos], none), blend)
+        x = torch.where(_col(apply), adjust_hue(x, shift), x)
+        for pos in range(1, 4):
+            x = _blend_step(x, torch.where(hue_pos < pos, order[:, pos], none), blend)
+        return x
+
 
 class StrongAugment:
-    """SCAN's strong augmentation: flip, `n_ops` random ops at random strength, then Cutout."""
+    """SCAN's strong augmentation: flip, `n_ops` random ops at random strength, then Cutout.
+
+    Each of the `n_ops` slots picks, for every image independently, an op uniformly (with replacement)
+    from `cfg.ops` and a strength u ~ U(0, 1). At `magnitude` 1 the parameter ranges are SCAN's:
+
+    ===========================  ==========================================================
+    rotate                       angle in [-30, 30] degrees
+    shear_x, shear_y             shear factor in [-0.1, 0.1] (about the top-left corner, as PIL)
+    translate_x, translate_y     shift in [-0.1, 0.1] of the image side
+    color, contrast,             enhancement factor in [0.05, 0.95] (they only ever weaken the
+    brightness, sharpness        image, never enhance it)
+    solarize                     threshold in [0, 256] on 0..255 pixels (inverts pixels >= it)
+    posterize                    int(U[4, 8]) bits, i.e. 4..7
+    identity, autocontrast,      no parameter
+    equalize
+    ===========================  ==========================================================
+
+    `magnitude` (0..1) scales every parameter's distance from that op's identity: angle, shear and
+    shift are sign * magnitude * u * max; an enhancement factor is 1 - magnitude * (1 - U[0.05, 0.95]);
+    the solarize threshold is 256 * (1 - magnitude * u); posterize keeps int(8 - magnitude * (8 - U[4, 8]))
+    bits. Magnitude 0 makes every parameterised op an identity; the parameterless ops are unaffected.
+    """
 
     #: Largest strength of each geometric op: degrees, shear factor, fraction of the image side.
-    ROTATE_DEG, SHEAR, TRANSLATE = 30.0, 0.3, 0.3
+    ROTATE_DEG, SHEAR, TRANSLATE = 30.0, 0.1, 0.1
+    #: Range of the enhancement factors (Color, Contrast, Brightness, Sharpness) at magnitude 1.
+    ENHANCE = (0.05, 0.95)
+    #: Range of posterize's bit count before truncation to an int, at magnitude 1.
+    POSTERIZE = (4.0, 8.0)
 
     def __init__(self, cfg: StrongAugmentConfig, mean: Sequence[float], std: Sequence[float]):
         self.cfg = cfg
@@ -230,31 +303,37 @@ class StrongAugment:
             x = torch.where(flip, x.flip(-1), x)
         for _ in range(cfg.n_ops):
             op = torch.randint(len(self.ops), (n,), generator=gen, device=dev)
-            mag = torch.rand(n, generator=gen, device=dev) * cfg.magnitude
+            u = torch.rand(n, generator=gen, device=dev)
             sign = torch.where(_bernoulli(n, 0.5, gen, dev), -1.0, 1.0)
-            x = self._apply_slot(x, op, mag, sign)
+            x = self._apply_slot(x, op, u, sign)
         x = self.norm.standardise(x)
         if cfg.cutout > 0:
             x = self._cutout(x, gen)
         return x
 
-    def _apply_slot(self, x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    def _apply_slot(self, x: torch.Tensor, op: torch.Tensor, u: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
         n, dev = x.shape[0], x.device
+        h, w = x.shape[-2:]
+        mag = self.cfg.magnitude
         theta = torch.zeros(n, 2, 3, device=dev)
         theta[:, 0, 0] = 1.0
         theta[:, 1, 1] = 1.0
         geometric = torch.zeros(n, dtype=torch.bool, device=dev)
-        signed = mag * sign
+        signed = sign * mag * u  # in [-magnitude, magnitude]
         for k, name in enumerate(self.ops):
             sel = op == k
             if name == "rotate":
                 a = torch.deg2rad(signed * self.ROTATE_DEG)
                 theta[sel, 0, 0], theta[sel, 0, 1] = torch.cos(a)[sel], -torch.sin(a)[sel]
                 theta[sel, 1, 0], theta[sel, 1, 1] = torch.sin(a)[sel], torch.cos(a)[sel]
-            elif name == "shear_x":
-                theta[sel, 0, 1] = (signed * self.SHEAR)[sel]
-            elif name == "shear_y":
-                theta[sel, 1, 0] = (signed * self.SHEAR)[sel]
+            elif name in ("shear_x", "shear_y"):
+                # PIL's AFFINE data (1, v, 0, 0, 1, 0) reads input x = x_out + v * y_out with the origin at
+                # the top-left corner; in grid_sample's centred [-1, 1] coordinates that is a shear plus an
+                # offset of v (scaled by the aspect ratio).
+                s = signed * self.SHEAR
+                row, other = (0, h / w) if name == "shear_x" else (1, w / h)
+                theta[sel, row, 1 - row] = (s * other)[sel]
+                theta[sel, row, 2] = (s * other)[sel]
             elif name == "translate_x":
                 theta[sel, 0, 2] = (signed * self.TRANSLATE * 2)[sel]
             elif name == "translate_y":
@@ -265,28 +344,33 @@ class StrongAugment:
         gidx = geometric.nonzero().squeeze(1)
         if gidx.numel():
             x[gidx] = warp(x[gidx], theta[gidx])
+        lo, hi = self.ENHANCE
+        factor = 1.0 - mag * (1.0 - (lo + u * (hi - lo)))
+        plo, phi = self.POSTERIZE
+        bits = torch.floor(8.0 - mag * (8.0 - (plo + u * (phi - plo)))).clamp_(max=8.0)
+        # PIL inverts pixels p >= T (p in 0..255, T in [0, 256]); on x = p / 255 that is x >= T / 255.
+        threshold = 256.0 * (1.0 - mag * u) / 255.0
         for k, name in enumerate(self.ops):
             idx = (op == k).nonzero().squeeze(1)
             if idx.numel() == 0 or name in {"identity", "rotate", "shear_x", "shear_y", "translate_x", "translate_y"}:
                 continue
-            sub, m = x[idx], mag[idx]
-            factor = 1.0 + signed[idx] * 0.9  # enhancement factors in [0.1, 1.9]
+            sub = x[idx]
             if name == "autocontrast":
                 sub = TF.autocontrast(sub)
             elif name == "equalize":
                 sub = TF.equalize(sub)
             elif name == "solarize":
-                sub = solarize(sub, 1.0 - m)
+                sub = solarize(sub, threshold[idx])
             elif name == "posterize":
-                sub = posterize(sub, 8 - torch.round(m * 4))
+                sub = posterize(sub, bits[idx])
             elif name == "color":
-                sub = adjust_saturation(sub, factor)
+                sub = adjust_saturation(sub, factor[idx])
             elif name == "contrast":
-                sub = adjust_contrast(sub, factor)
+                sub = adjust_contrast(sub, factor[idx])
             elif name == "brightness":
-                sub = adjust_brightness(sub, factor)
+                sub = adjust_brightness(sub, factor[idx])
             elif name == "sharpness":
-                sub = adjust_sharpness(sub, factor)
+                sub = adjust_sharpness(sub, factor[idx])
             x[idx] = sub
         return x
 
