@@ -17,6 +17,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny networks: as fast as several threads, and far faster on a
+    busy machine, where several threads spin-wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits() -> ImageSet:
     return load_dataset("digits")

@@ -15,11 +15,31 @@ def test_nt_xent_matches_hand_computation():
     assert math.isclose(nt_xent(z1, z2, t).item(), per_anchor, rel_tol=1e-6)
 
 
-def test_nt_xent_prefers_matching_views():
+def nt_xent_by_hand(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """SimCLR's NT-Xent written out: each of the 2b views is an anchor whose positive is the other view of
+    its image and whose 2b - 2 negatives are all other views; cosine similarity / t; mean over the 2b anchors."""
+    views = [v.double() for v in torch.cat([z1, z2])]
+    b = z1.shape[0]
+    total = 0.0
+    for a in range(2 * b):
+        positive = (a + b) % (2 * b)
+
+        def s(j, a=a):
+            return float(torch.dot(views[a], views[j]) / (views[a].norm() * views[j].norm())) / t
+
+        denominator = sum(math.exp(s(j)) for j in range(2 * b) if j != a)  # the positive and 2b - 2 negatives
+        total += -math.log(math.exp(s(positive)) / denominator)
+    return total / (2 * b)
+
+
+def test_nt_xent_matches_an_independent_implementation():
     g = torch.Generator().manual_seed(0)
-    z = F.normalize(torch.randn(8, 16, generator=g), dim=1)
-    noise = F.normalize(torch.randn(8, 16, generator=g), dim=1)
-    assert nt_xent(z, z, 0.1) < nt_xent(z, noise, 0.1)
+    for b, d, t in [(1, 3, 0.5), (3, 5, 0.1), (6, 16, 0.5), (9, 4, 1.0)]:
+        z1 = F.normalize(torch.randn(b, d, generator=g), dim=1)
+        z2 = F.normalize(z1 + 0.5 * torch.randn(b, d, generator=g), dim=1)  # correlated views
+        assert math.isclose(nt_xent(z1, z2, t).item(), nt_xent_by_hand(z1, z2, t), rel_tol=1e-5)
+        # Symmetric in the two views.
+        assert math.isclose(nt_xent(z2, z1, t).item(), nt_xent_by_hand(z1, z2, t), rel_tol=1e-5)
 
 
 def test_entropy_of_uniform_and_one_hot():

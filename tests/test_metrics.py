@@ -61,14 +61,34 @@ def test_confusion_matrix_is_normalised_by_true_class_counts():
 
 
 def test_top5_and_per_class_accuracy():
-    target = np.array([0, 1, 2, 3, 4, 5, 5])
-    probs = np.full((7, 6), 0.01)
-    probs[np.arange(7), [0, 1, 2, 3, 4, 5, 0]] = 0.9  # last sample wrong at top-1
-    probs[6, 5] = 0.5  # but class 5 is its second choice
-    m = clustering_metrics(probs, target)
-    assert np.isclose(m["acc"], 6 / 7)
-    assert m["top5"] == 1.0
-    assert m["per_class_accuracy"]["5"] == 0.5
+    """8 clusters and classes, cluster PERM[c] holds class c. Two clear members per class fix the
+    matching; four more images of class 0 have its cluster (3) at rank 2, 5, 6 and 8 of their 8."""
+    perm = [3, 7, 0, 5, 1, 6, 2, 4]
+    values = [0.30, 0.20, 0.15, 0.12, 0.09, 0.07, 0.04, 0.03]  # probabilities by rank
+
+    def row(first: list[int]) -> list[float]:
+        order = first + [k for k in range(8) if k not in first]
+        p = [0.0] * 8
+        for rank, k in enumerate(order):
+            p[k] = values[rank]
+        return p
+
+    probs, target = [], []
+    for c in range(8):
+        for _ in range(2):
+            probs.append(row([perm[c]]))
+            target.append(c)
+    others = [0, 1, 2, 4, 5, 6, 7]  # every cluster but 3
+    for shift, rank in enumerate((2, 5, 6, 8)):
+        ahead = (others[shift:] + others[:shift])[: rank - 1]  # different top clusters: the matching stays
+        probs.append(row([*ahead, 3]))
+        target.append(0)
+    m = clustering_metrics(np.array(probs), np.array(target))
+    assert m["cluster_to_class"] == [perm.index(k) for k in range(8)]
+    assert np.isclose(m["acc"], 16 / 20)
+    assert np.isclose(m["top5"], 18 / 20)  # the 16 clear ones, and ranks 2 and 5; not 6 or 8
+    assert np.isclose(m["per_class_accuracy"]["0"], 2 / 6)
+    assert all(m["per_class_accuracy"][str(c)] == 1.0 for c in range(1, 8))
 
 
 def test_cluster_summary_counts_empty_clusters():

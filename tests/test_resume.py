@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, resume after an interruption, refusal of foreign checkpoints."""
+"""Checkpoints: round trip, resume after an interruption (pretext, cluster and self-label stages),
+refusal of foreign checkpoints."""
 
 import json
 import os
@@ -11,13 +12,21 @@ import pytest
 import torch
 from conftest import REPO
 from nnm.engine.checkpoint import StageDir, safe_load
-from nnm.engine.config import PretextConfig, RuntimeConfig
+from nnm.engine.config import ClusterConfig, MineConfig, PretextConfig, RuntimeConfig, SelfLabelConfig
+from nnm.engine.data import ImageSet, load_dataset
 from nnm.engine.errors import Cancelled, CheckpointError
 from nnm.engine.progress import ProgressSink
+from nnm.engine.stages.cluster import run_cluster
+from nnm.engine.stages.mine import run_mine
 from nnm.engine.stages.pretext import run_pretext
+from nnm.engine.stages.selflabel import run_selflabel
 
 CFG = PretextConfig(backbone={"width": 8}, epochs=3, batch_size=100, lr=0.1)
 RT = RuntimeConfig(seed=3)
+
+
+#: Tiny networks: one thread (the `one_thread` fixture of conftest.py) is as fast, and far faster on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StopAfter(ProgressSink):
@@ -143,3 +152,76 @@ def test_upload_dir_puts_the_marker_last(tmp_path):
 
     upload_dir(Recording(tmp_path / "store"), tmp_path / "stage", "jobs/j/a1/pretext")
     assert order == ["meta.json", "model.pt", "zz/late.bin", "done.json"]
+
+
+# --- cluster and self-label stages ------------------------------------------------------------------
+
+STAGE_RT = RuntimeConfig(seed=4, device="cpu", precision="fp32")
+#: Random but cheap strong augmentation (the generator's state matters for resuming).
+CHEAP = {"n_ops": 2, "ops": ["rotate", "translate_x", "brightness", "contrast"]}
+#: 120 images in batches of 30: 4 steps per epoch; NNM with both matching terms and 2 heads.
+CLUSTER_CFG = ClusterConfig(method="nnm", heads=2, epochs=3, batch_size=30, lr=1e-2, augment=CHEAP)
+#: The clustering model of an untrained backbone is unsure (max probabilities near 0.11 of 10):
+#: a low threshold so that self-labelling trains.
+SELFLABEL_CFG = SelfLabelConfig(epochs=3, batch_size=30, threshold=0.11, augment=CHEAP)
+TIMING = {"seconds", "images_per_s"}
+
+
+def without_timings(history):
+    return [{k: v for k, v in e.items() if k not in TIMING} for e in history]
+
+
+def same_files(a, b, names=("model.pt", "meta.json")):
+    for name in names:
+        if name.endswith(".pt"):
+            x, y = safe_load(a / name), safe_load(b / name)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+        else:
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """Pretext (an untrained width-8 backbone), mined neighbours and an uninterrupted cluster run on 120 digits."""
+    from nnm.engine.data import resize_batch
+
+    root = tmp_path_factory.mktemp("resume-stages")
+    data = load_dataset("digits")
+    idx = torch.arange(120)
+    data = ImageSet(resize_batch(data.images[idx], 16), data.labels[idx].clone(), data.class_names,
+                    [data.names[i] for i in idx.tolist()], source="digits-120")
+    run_pretext(CFG.model_copy(update={"epochs": 0}), data, root / "pretext", STAGE_RT)
+    run_mine(MineConfig(topk=5, feature="backbone"), data, root / "pretext", root / "mine", STAGE_RT)
+    summary = run_cluster(CLUSTER_CFG, data, root / "pretext", root / "mine", root / "cluster", STAGE_RT)
+    return root, data, summary
+
+
+def test_cluster_resume_after_interruption_equals_uninterrupted_run(tmp_path, clustered):
+    """Stopped in epoch 2, after the global matching memory of epoch 1 was saved."""
+    root, data, reference = clustered
+    out = tmp_path / "cluster"
+    args = (CLUSTER_CFG, data, root / "pretext", root / "mine", out, STAGE_RT)
+    with pytest.raises(Cancelled):
+        run_cluster(*args, StopAfter(6))
+    ckpt = safe_load(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["state"]["memory"].shape == (2, len(data), 10)
+    summary = run_cluster(*args)
+    assert without_timings(summary["history"]) == without_timings(reference["history"])
+    same_files(root / "cluster", out)
+    assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_selflabel_resume_after_interruption_equals_uninterrupted_run(tmp_path, clustered, ema):
+    root, data, _ = clustered
+    cfg = SELFLABEL_CFG.model_copy(update={"ema_decay": ema})
+    reference = run_selflabel(cfg, data, root / "cluster", tmp_path / "ref", STAGE_RT)
+    assert any(e["confident"] > 0 for e in reference["history"])  # it did train on something
+    out = tmp_path / "int"
+    with pytest.raises(Cancelled):
+        run_selflabel(cfg, data, root / "cluster", out, STAGE_RT, StopAfter(7))  # stops in epoch 2
+    assert safe_load(out / "checkpoint.pt")["epoch"] == 1
+    summary = run_selflabel(cfg, data, root / "cluster", out, STAGE_RT)
+    assert without_timings(summary["history"]) == without_timings(reference["history"])
+    same_files(tmp_path / "ref", out)
+    assert not (out / "checkpoint.pt").exists()
