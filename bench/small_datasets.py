@@ -44,7 +44,8 @@ def main() -> int:
             m = json.loads((out / "metrics.json").read_text())
             row = {"dataset": ds, "seed": seed, "preset": args.preset, "acc": m["acc"], "nmi": m["nmi"],
                    "ari": m["ari"], "wall_s": round(wall, 1), "final_stage": m.get("final_stage"),
-                   "neighbor_accuracy": m.get("neighbor_accuracy"), "timings": m["timings"]}
+                   "neighbor_accuracy": m.get("neighbor_accuracy"), "selflabel_guard": m.get("selflabel_guard"),
+                   "timings": m["timings"]}
             runs.append(row)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -8,21 +8,63 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..augment import Normalize, StrongAugment
 from ..checkpoint import StageDir, atomic_torch_save, atomic_write_json
 from ..config import RuntimeConfig, SelfLabelConfig
 from ..data import ImageSet
 from ..losses import selflabel_loss
-from ..model_io import InputSpec
+from ..model_io import InputSpec, compute_outputs
 from ..progress import ProgressSink
 from ..runtime import Runtime, set_lr, shuffled_batches, steps_per_epoch
-from .cluster import load_cluster_model, scan_loss_of
+from .cluster import head_losses, load_cluster_model
 from .common import EpochMeter, file_digest
 
 STAGE = "selflabel"
-#: Entropy weight of the label-free SCAN loss that judges self-labelling (SCAN's value).
+#: Entropy weight of the label-free SCAN loss recorded before and after self-labelling (SCAN's value).
 ENTROPY_WEIGHT = 5.0
+#: The self-labelled model is kept unless it puts fewer mined neighbour pairs together than the
+#: clustering model did (by more than this), or shrank its smallest cluster below half of what it was
+#: (see `keep_selflabelled`; the study behind it is in docs/benchmarks.md).
+AGREEMENT_TOLERANCE = 0.0
+SMALLEST_RATIO = 0.5
+
+
+@torch.no_grad()
+def label_free_quality(probs: torch.Tensor, neighbors: torch.Tensor) -> dict[str, float]:
+    """Label-free figures of a clustering that do not reward or punish confidence itself.
+
+    `agreement`: share of (image, mined neighbour) pairs put in the same cluster; `balance`: entropy of
+    the cluster sizes over log K (1 = equal sizes, 0 = one cluster); `smallest`: the smallest cluster's
+    share times K (0 = an emptied cluster, 1 = no cluster below an equal share).
+    """
+    pred = probs.argmax(dim=1)
+    k = probs.shape[1]
+    agreement = float((pred[neighbors] == pred[:, None]).float().mean())
+    share = torch.bincount(pred, minlength=k).double() / len(pred)
+    nz = share[share > 0]
+    balance = float(-(nz * nz.log()).sum() / np.log(k))
+    return {"agreement": agreement, "balance": balance, "smallest": float(share.min() * k)}
+
+
+def keep_selflabelled(before: dict[str, float], after: dict[str, float]) -> bool:
+    """The label-free verdict on self-labelling, from `label_free_quality` before and after.
+
+    Not the SCAN loss: making predictions confident is what self-labelling does, and the SCAN loss's
+    -log <p_i, p_j> punishes a confident disagreement with a neighbour far more than an unsure one, so
+    it rose in every measured run, helpful or not. Hard neighbour agreement and cluster sizes do not
+    depend on confidence.
+    """
+    agreement_ok = after["agreement"] >= before["agreement"] - AGREEMENT_TOLERANCE
+    sizes_ok = after["smallest"] >= SMALLEST_RATIO * before["smallest"]
+    return agreement_ok and sizes_ok
+
+
+def _probs(model: torch.nn.Module, data: ImageSet, normalize: Normalize, rt: Runtime) -> torch.Tensor:
+    model.eval()
+    _, logits = compute_outputs(model, data.images, normalize, rt, 512)
+    return F.softmax(logits[0].float(), dim=1)
 
 
 @torch.no_grad()
@@ -47,8 +89,9 @@ def run_selflabel(
 
     Writes `model.pt` (one head) and `meta.json`. A batch without confident samples contributes a
     zero loss; the per-epoch history records the confident fraction. With `neighbors`
-    (neighbors.npy of the mine stage) the summary holds the label-free SCAN loss before and after,
-    and `improved` tells whether self-labelling lowered it.
+    (neighbors.npy of the mine stage) the summary holds label-free figures before and after
+    (`label_free_quality`, and the SCAN loss for the record), and `improved` is `keep_selflabelled`'s
+    verdict.
     """
     sink = sink or ProgressSink()
     rt = Runtime(runtime_cfg or RuntimeConfig())
@@ -82,8 +125,10 @@ def run_selflabel(
     pool = None
     if neighbors is not None:
         pool = torch.from_numpy(np.load(neighbors)[:, 1:]).long()
-        if "loss_before" not in state:
-            state["loss_before"] = scan_loss_of(model, data, pool, normalize, rt, ENTROPY_WEIGHT)[0]
+        if "quality_before" not in state:
+            probs = _probs(model, data, normalize, rt)
+            state["quality_before"] = label_free_quality(probs, pool)
+            state["loss_before"] = head_losses([probs], pool, ENTROPY_WEIGHT)[0]
     n = len(data)
     steps = steps_per_epoch(n, cfg.batch_size)
     sink.stage_started(STAGE, cfg.epochs, steps)
@@ -102,8 +147,9 @@ def run_selflabel(
                 _, strong = model(rt.to_model(augment(x, gen)))
             loss, confident = selflabel_loss(weak[0], strong[0], cfg.threshold, cfg.class_balance)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if confident:  # a batch without confident samples teaches nothing (no weight decay step either)
+                loss.backward()
+                opt.step()
             if ema is not None:
                 ema_update(ema, model, cfg.ema_decay)
             meter.after_step(step, len(idx), {"loss": loss.item(), "confident": confident / len(idx)})
@@ -117,9 +163,15 @@ def run_selflabel(
     atomic_write_json(out / "meta.json", meta | {"heads": 1, "head": 0, "selflabel": True})
     summary: dict[str, Any] = {"epochs": cfg.epochs, "history": history}
     if pool is not None:
-        after = scan_loss_of(final, data, pool, normalize, rt, ENTROPY_WEIGHT)[0]
-        summary.update(scan_loss_before=state["loss_before"], scan_loss_after=after,
-                       improved=bool(after <= state["loss_before"]))
+        probs = _probs(final, data, normalize, rt)
+        quality = label_free_quality(probs, pool)
+        summary.update(
+            quality_before=state["quality_before"],
+            quality_after=quality,
+            scan_loss_before=state["loss_before"],
+            scan_loss_after=head_losses([probs], pool, ENTROPY_WEIGHT)[0],
+            improved=keep_selflabelled(state["quality_before"], quality),
+        )
     stage.mark_done(summary)
     sink.stage_finished(STAGE, summary)
     return summary
