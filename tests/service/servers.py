@@ -57,10 +57,27 @@ def postgres_database():
 
 @contextmanager
 def redis_database():
-    """A Redis database number of the local server, emptied before and after."""
+    """A Redis database number of the local server that no one else uses, emptied before and after.
+
+    The number is leased (a key in database 0, set only if absent) and must have no client connected:
+    a session's Celery workers on a shared number would take another test's messages.
+    """
     import redis
 
-    db = 1 + secrets.randbelow(15)
+    admin = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + 60
+    db = None
+    while db is None:
+        busy = {int(c.get("db", 0)) for c in admin.client_list()}
+        for candidate in secrets.SystemRandom().sample(range(1, 16), 15):
+            if candidate not in busy and admin.set(f"nnm-test:redis-db:{candidate}", token, nx=True, ex=3 * 3600):
+                db = candidate
+                break
+        if db is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no free Redis database number: every one is leased or in use")
+            time.sleep(0.5)
     client = redis.Redis(host="127.0.0.1", port=6379, db=db)
     client.flushdb()
     try:
@@ -68,6 +85,10 @@ def redis_database():
     finally:
         client.flushdb()
         client.close()
+        lease = f"nnm-test:redis-db:{db}"
+        if admin.get(lease) == token.encode():
+            admin.delete(lease)
+        admin.close()
 
 
 @contextmanager
