@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from nnm.service.client import Client  # noqa: E402
-from nnm.service.repository import JobStore  # noqa: E402
+from nnm.service.store.repository import JobStore  # noqa: E402
 from service.servers import (  # noqa: E402
     postgres_database,
     redis_database,

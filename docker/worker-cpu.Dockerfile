@@ -29,13 +29,13 @@ ENV NNM_DATA_DIR=/var/lib/nnm
 
 # The worker's main process answers control messages while its pool process runs a job, so the
 # ping works during long training. -d names this node (-n cpu@%h, %h = the container's hostname).
-# Liveness from the worker's heartbeat file, not through Redis (nnm/service/liveness.py).
+# Liveness from the worker's heartbeat file, not through Redis (nnm/service/worker/liveness.py).
 HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "nnm.service.liveness", "--max-age", "120"]
+    CMD ["python", "-m", "nnm.service.worker.liveness", "--max-age", "120"]
 
 # SIGTERM (docker stop, pod deletion): the running job's training process is stopped and the job is
 # handed back to the queue within seconds, to resume from its last uploaded checkpoint on the next
 # worker: Celery's warm shutdown waits for that hand-back, not for the job to finish.
 # One job at a time (training runs in a child process that uses every core), no prefetching.
-CMD ["celery", "-A", "nnm.service.celery_app", "worker", "-Q", "cpu", "--concurrency", "1", \
+CMD ["celery", "-A", "nnm.service.worker.celery_app", "worker", "-Q", "cpu", "--concurrency", "1", \
      "--prefetch-multiplier", "1", "-n", "cpu@%h", "--loglevel", "INFO"]

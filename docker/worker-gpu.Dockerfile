@@ -34,13 +34,13 @@ WORKDIR /home/nnm
 ENV NNM_DATA_DIR=/var/lib/nnm \
     NNM_DEVICE=cuda
 
-# Liveness from the worker's heartbeat file, not through Redis (nnm/service/liveness.py).
+# Liveness from the worker's heartbeat file, not through Redis (nnm/service/worker/liveness.py).
 HEALTHCHECK --interval=60s --timeout=20s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "nnm.service.liveness", "--max-age", "120"]
+    CMD ["python", "-m", "nnm.service.worker.liveness", "--max-age", "120"]
 
 # SIGTERM (docker stop, pod deletion): the running job's training process is stopped and the job is
 # handed back to the queue within seconds, to resume from its last uploaded checkpoint on the next
 # worker: Celery's warm shutdown waits for that hand-back, not for the job to finish.
 # One job per GPU, no prefetching (a prefetched message would wait behind a days-long job).
-CMD ["celery", "-A", "nnm.service.celery_app", "worker", "-Q", "gpu", "--concurrency", "1", \
+CMD ["celery", "-A", "nnm.service.worker.celery_app", "worker", "-Q", "gpu", "--concurrency", "1", \
      "--prefetch-multiplier", "1", "-n", "gpu@%h", "--loglevel", "INFO"]

@@ -440,16 +440,16 @@ def test_dockerfiles_exist_and_name_real_modules(compose: dict[str, Any], compos
         else:
             image_argv = argv
             for argv in (image_argv, _worker_argv(service), _worker_argv(compose["services"].get(name, service))):
-                assert argv[:4] == ["celery", "-A", "nnm.service.celery_app", "worker"], argv
-                assert importlib.util.find_spec("nnm.service.celery_app") is not None
+                assert argv[:4] == ["celery", "-A", "nnm.service.worker.celery_app", "worker"], argv
+                assert importlib.util.find_spec("nnm.service.worker.celery_app") is not None
                 assert _queues(argv) <= set(QUEUES)
                 assert _celery_option(argv, "--concurrency", "-c") == "1"
                 assert _celery_option(argv, "--prefetch-multiplier") == "1"
                 assert _celery_option(argv, "-n", "--hostname")
                 # Liveness must not go through the broker: a Redis outage would restart every worker.
                 for health in (_dockerfile_healthcheck(path), _healthcheck_test(service)):
-                    assert "python -m nnm.service.liveness" in health and "inspect ping" not in health, health
-                assert importlib.util.find_spec("nnm.service.liveness") is not None
+                    assert "python -m nnm.service.worker.liveness" in health and "inspect ping" not in health, health
+                assert importlib.util.find_spec("nnm.service.worker.liveness") is not None
     # The images alone: each worker takes only what it is for (compose widens the CPU worker where it
     # is the only one).
     assert _celery_option(_dockerfile_cmd(REPO / "docker/worker-cpu.Dockerfile"), "-Q") == "cpu"
@@ -777,7 +777,7 @@ def test_the_gateway_knows_the_training_device_and_worker_liveness_skips_redis(d
     for worker in WORKERS:
         container = objects[("Deployment", f"nnm-{worker}")]["spec"]["template"]["spec"]["containers"][0]
         probe = " ".join(container["livenessProbe"]["exec"]["command"])
-        assert "nnm.service.liveness" in probe and "inspect ping" not in probe, probe
+        assert "nnm.service.worker.liveness" in probe and "inspect ping" not in probe, probe
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM
@@ -786,7 +786,7 @@ def test_the_gateway_knows_the_training_device_and_worker_liveness_skips_redis(d
 def test_sigterm_docs_say_what_the_code_does() -> None:
     """A worker's SIGTERM hands its running job back to the queue (celery_app.py, runner.py); it does
     not wait for the job. Every file that explains SIGTERM says that."""
-    code = (REPO / "services/nnm/service/celery_app.py").read_text()
+    code = (REPO / "services/nnm/service/worker/celery_app.py").read_text()
     assert "running jobs are handed back to the queue" in code, "the code changed: update the docs and this test"
     docs = [REPO / "README.md", REPO / "deploy" / "README.md", COMPOSE, COMPOSE_GPU,
             REPO / "docker" / "worker-cpu.Dockerfile", REPO / "docker" / "worker-gpu.Dockerfile",

@@ -138,7 +138,7 @@ def test_a_marker_is_trusted_only_with_the_files_it_lists(tmp_path, small_digits
 
 
 def test_upload_dir_puts_the_marker_last(tmp_path):
-    from nnm.service.storage import LocalStore, upload_dir
+    from nnm.service.store.storage import LocalStore, upload_dir
 
     for name in ("done.json", "meta.json", "model.pt", "zz/late.bin"):
         (tmp_path / "stage" / name).parent.mkdir(parents=True, exist_ok=True)

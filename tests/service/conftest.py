@@ -148,6 +148,6 @@ def child_processes_of(job_id: str) -> list[int]:
             status = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if status != "Z" and job_id.encode() in cmdline and b"nnm.service.child" in cmdline:
+        if status != "Z" and job_id.encode() in cmdline and b"nnm.service.worker.child" in cmdline:
             pids.append(int(entry.name))
     return pids

@@ -183,8 +183,8 @@ def start_gateway(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen
 
 def start_worker(env: dict[str, str], log_path: Path, queues: str = "gpu,cpu", name: str = "w1") -> subprocess.Popen:
     """A Celery worker as docker-compose runs it (prefork, one process, prefetch 1)."""
-    cmd = [str(VENV_BIN / "celery"), "-A", "nnm.service.celery_app", "worker", "-Q", queues, "--concurrency", "1",
-           "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO"]
+    cmd = [str(VENV_BIN / "celery"), "-A", "nnm.service.worker.celery_app", "worker", "-Q", queues,
+           "--concurrency", "1", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO"]
     proc = spawn(cmd, env, log_path)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

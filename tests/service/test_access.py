@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 from nnm.service.auth import KeyStore
-from nnm.service.db import ModelRow, new_id
-from nnm.service.migrations import upgrade
-from nnm.service.repository import JobStore
+from nnm.service.store.db import ModelRow, new_id
+from nnm.service.store.migrations import upgrade
+from nnm.service.store.repository import JobStore
 
 from .conftest import digits_zip
 from .servers import postgres_database, start_gateway, stop

@@ -289,7 +289,7 @@ def test_an_s3_outage_does_not_make_the_gateway_unready(tmp_path):
                               image_count=1797, image_size=8, channels=1, classes=None, size_bytes=None)
     row, _ = ctx.jobs.create_job(owner="public", type="pretext", dataset_id=ds.id, inputs={}, params={},
                                  queue="gpu", max_attempts=3)
-    from nnm.service.db import ArtifactRow
+    from nnm.service.store.db import ArtifactRow
 
     with ctx.jobs.session() as s:
         s.add(ArtifactRow(job_id=row.id, name="metrics.json", key=f"jobs/{row.id}/metrics.json", size=10))

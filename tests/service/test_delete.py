@@ -79,9 +79,9 @@ def test_delete_dataset_job_and_model(client, worker, infra, tmp_path):
 
 def test_retention_expires_finished_artifacts_but_keeps_model_and_metrics(tmp_path):
     from nnm.service.context import ServiceContext
-    from nnm.service.db import ArtifactRow, JobRow, utcnow
-    from nnm.service.retention import sweep_once
     from nnm.service.settings import load_settings
+    from nnm.service.store.db import ArtifactRow, JobRow, utcnow
+    from nnm.service.store.retention import sweep_once
 
     ctx = ServiceContext.from_settings(load_settings(env={}, data_dir=tmp_path, artifact_retention_days=7),
                                        migrate=True)

@@ -250,7 +250,7 @@ def test_job_list_is_keyset_paginated(client: Client, uploaded_digits: dict):
 def test_a_burst_of_jobs_runs_each_exactly_once(client: Client, worker, uploaded_digits: dict, infra):
     from concurrent.futures import ThreadPoolExecutor
 
-    from nnm.service.repository import JobStore
+    from nnm.service.store.repository import JobStore
 
     body = {"type": "pretext", "dataset_id": uploaded_digits["id"], "params": {"preset": "quick", "pretext": {
         "epochs": 0}}}

@@ -103,7 +103,7 @@ def resumed_after(stack: Stack, job_id: str) -> list[int]:
     """Epochs after which an attempt resumed, from the job's recorded messages."""
     events = stack.client.http.get(f"/v1/jobs/{job_id}").json()  # the job must still be readable
     assert events["id"] == job_id
-    from nnm.service.repository import JobStore
+    from nnm.service.store.repository import JobStore
 
     store = JobStore(stack.env["NNM_DATABASE_URL"])
     try:
@@ -245,7 +245,7 @@ def test_short_redis_blip_costs_no_attempt(stack: Stack):
     final = stack.client.wait(job["id"], timeout=600)
     assert final["status"] == "succeeded", final["error"]
     assert final["attempt"] == 1
-    from nnm.service.repository import JobStore
+    from nnm.service.store.repository import JobStore
 
     store = JobStore(stack.env["NNM_DATABASE_URL"])
     try:

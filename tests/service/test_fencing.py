@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from nnm.service.context import ServiceContext
-from nnm.service.execution import JobLost, ServiceSink
-from nnm.service.runner import execute_job
 from nnm.service.settings import load_settings
+from nnm.service.worker.execution import JobLost, ServiceSink
+from nnm.service.worker.runner import execute_job
 
 from .conftest import digits_zip, figure
 
@@ -51,7 +51,7 @@ def point_at(monkeypatch, data_dir: Path, infra: dict | None) -> ServiceContext:
 
 def new_job(ctx: ServiceContext, params: dict, job_type: str = "pipeline") -> str:
     """A queued job on 300 digit images uploaded to the artifact store, as the gateway creates one."""
-    from nnm.service.db import new_id
+    from nnm.service.store.db import new_id
 
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}/data.zip"
@@ -161,7 +161,7 @@ def test_a_stale_attempt_cannot_repoint_or_overwrite_the_current_attempts_artifa
 
     assert _recorded(ctx, job_id) == before
     # The next attempt resumes from the current attempt's files and checkpoint, not the stale one's.
-    from nnm.service.execution import restore_job
+    from nnm.service.worker.execution import restore_job
 
     ctx.jobs.claim(job_id, "worker-3", heartbeat_timeout_s=0)
     restore_job(ctx, job_id, 3, tmp_path / "w3")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def probe(env: dict[str, str], max_age: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnm.service.liveness", "--max-age", str(max_age)], env=env,
+    return subprocess.run([sys.executable, "-m", "nnm.service.worker.liveness", "--max-age", str(max_age)], env=env,
                           capture_output=True, text=True, timeout=60)
 
 

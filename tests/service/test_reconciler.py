@@ -18,12 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 import redis
-from nnm.service import reconciler as reconciler_module
 from nnm.service.context import ServiceContext
-from nnm.service.db import JobRow, utcnow
 from nnm.service.queue import QUEUES, CeleryQueue
-from nnm.service.reconciler import Reconciler, reconcile_once
 from nnm.service.settings import load_settings
+from nnm.service.store.db import JobRow, utcnow
+from nnm.service.worker import reconciler as reconciler_module
+from nnm.service.worker.reconciler import Reconciler, reconcile_once
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 

@@ -6,9 +6,9 @@ import threading
 from datetime import timedelta
 
 import pytest
-from nnm.service.db import JobRow, utcnow
-from nnm.service.migrations import upgrade
-from nnm.service.repository import IdempotencyConflict, JobStore
+from nnm.service.store.db import JobRow, utcnow
+from nnm.service.store.migrations import upgrade
+from nnm.service.store.repository import IdempotencyConflict, JobStore
 from sqlalchemy import update
 
 from .servers import postgres_database
@@ -164,7 +164,7 @@ def test_running_limit_per_owner(store):
 def test_migrations_match_the_models(store):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
-    from nnm.service.db import Base
+    from nnm.service.store.db import Base
 
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

@@ -178,7 +178,7 @@ def _open_to_anonymous() -> str | None:
         return "NNM_AUTH=off"
     try:  # auto: closed for good once a key has been created (revoked ones count)
         from nnm.service.auth import KeyStore
-        from nnm.service.repository import JobStore
+        from nnm.service.store.repository import JobStore
 
         jobs = JobStore(settings.resolved_database_url)
         try:
@@ -214,8 +214,8 @@ def serve(args: argparse.Namespace) -> int:
 def migrate(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["NNM_DATA_DIR"] = str(args.data_dir)
-    from nnm.service.migrations import upgrade
     from nnm.service.settings import load_settings
+    from nnm.service.store.migrations import upgrade
 
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
-from .db import ApiKeyRow, JobRow, UploadEventRow, new_id, utcnow
-from .repository import JobStore
+from .store.db import ApiKeyRow, JobRow, UploadEventRow, new_id, utcnow
+from .store.repository import JobStore
 
 #: `read` for GET, `write` for everything else, `metrics` for Prometheus' /metrics (global job counts).
 SCOPES = ("read", "write", "metrics")

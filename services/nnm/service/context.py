@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .repository import JobStore
 from .settings import Settings, load_settings
-from .storage import ArtifactStore, make_store
+from .store.repository import JobStore
+from .store.storage import ArtifactStore, make_store
 
 
 @dataclass
@@ -20,7 +20,7 @@ class ServiceContext:
         settings = settings or load_settings()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if migrate:
-            from .migrations import upgrade
+            from .store.migrations import upgrade
 
             upgrade(settings.resolved_database_url)
         return cls(settings, JobStore(settings.resolved_database_url), make_store(settings))

@@ -16,8 +16,8 @@ from nnm.engine.errors import ConfigError
 from nnm.engine.pipeline import config_for_traits
 from nnm.engine.presets import DatasetTraits
 
-from .db import DatasetRow, JobRow
-from .repository import JobStore
+from .store.db import DatasetRow, JobRow
+from .store.repository import JobStore
 
 #: Stages each job type runs, in order.
 STAGES: dict[str, list[str]] = {

@@ -47,7 +47,7 @@ class CeleryQueue:
     """Publishes `nnm.run_job(job_id)` to the named Celery queue."""
 
     def __init__(self, broker_url: str):
-        from .celery_app import make_celery
+        from .worker.celery_app import make_celery
 
         self.app = make_celery(broker_url)
 
@@ -99,7 +99,7 @@ class LocalQueue:
     """
 
     def __init__(self, ctx: ServiceContext):
-        from .runner import ShutdownRequested, execute_job
+        from .worker.runner import ShutdownRequested, execute_job
 
         self.ctx = ctx
         self._execute, self._shutdown_exc = execute_job, ShutdownRequested

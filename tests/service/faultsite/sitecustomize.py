@@ -19,7 +19,7 @@ if os.environ.get("NNM_FAULT_PUT") and os.environ.get("NNM_FAULT_FLAG"):
     import re
     from pathlib import Path
 
-    from nnm.service import storage
+    from nnm.service.store import storage
 
     _spec, _flag = os.environ["NNM_FAULT_PUT"], Path(os.environ["NNM_FAULT_FLAG"])
     _after_marker = [False]

@@ -13,8 +13,8 @@ from nnm import __version__
 
 from ..context import ServiceContext
 from ..queue import JobQueue, LocalQueue, make_queue
-from ..reconciler import Reconciler
-from ..retention import RetentionSweeper
+from ..store.retention import RetentionSweeper
+from ..worker.reconciler import Reconciler
 from . import problems
 from .deps import Gateway, authenticate
 from .guard import RequestGuard
@@ -90,7 +90,7 @@ def create_app(
         reconciler = Reconciler(ctx, queue, reconcile_interval_s) if reconcile_interval_s > 0 else None
         if isinstance(queue, LocalQueue):
             # Embedded: the in-process queue is empty after a restart; put unfinished jobs back.
-            from ..reconciler import reconcile_once
+            from ..worker.reconciler import reconcile_once
 
             reconcile_once(ctx, queue, republish_after_s=0)
         if reconciler:

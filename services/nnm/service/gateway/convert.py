@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 from api_schemas import ArtifactOut, DatasetOut, JobInputs, JobOut, ModelOut, Problem, Progress, StageOut
 
-from ..db import ArtifactRow, DatasetRow, JobRow, ModelRow
+from ..store.db import ArtifactRow, DatasetRow, JobRow, ModelRow
 
 
 def dataset_out(row: DatasetRow) -> DatasetOut:

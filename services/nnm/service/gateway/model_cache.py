@@ -10,8 +10,8 @@ from pathlib import Path
 from nnm.engine.model_io import TrainedModel
 
 from ..context import ServiceContext
-from ..db import ModelRow
-from ..storage import download_prefix
+from ..store.db import ModelRow
+from ..store.storage import download_prefix
 
 
 class ModelCache:

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..retry import is_transient
-from ..storage import StorageError
+from ..store.storage import StorageError
 
 log = logging.getLogger("nnm.gateway")
 

@@ -22,8 +22,8 @@ from nnm.engine.config import BackboneConfig
 from nnm.engine.errors import CheckpointError
 from nnm.engine.models import build_backbone
 
-from ..db import new_id
 from ..jobspec import backbone_key
+from ..store.db import new_id
 from .deps import Gateway, gateway, owner
 from .problems import ApiProblem
 

@@ -15,8 +15,8 @@ from api_schemas import BuiltinDatasetCreate, DatasetList, DatasetOut
 from nnm.engine.data import BUILTIN_INFO, LoadLimits, inspect_image_folder
 from nnm.engine.errors import DatasetError
 
-from ..db import new_id
-from ..retention import remove_files
+from ..store.db import new_id
+from ..store.retention import remove_files
 from .convert import dataset_out
 from .deps import Gateway, gateway, owner, paged
 from .problems import ApiProblem, check_deleted

@@ -14,8 +14,8 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from api_schemas import TERMINAL_STATUSES, JobCreate, JobList, JobOut, JobStatus, JobType
 
 from ..jobspec import SpecError, queue_for, submitted_params, validate_job
-from ..repository import IdempotencyConflict, IdempotencyInFlight, TooManyJobs
-from ..retention import remove_files
+from ..store.repository import IdempotencyConflict, IdempotencyInFlight, TooManyJobs
+from ..store.retention import remove_files
 from .convert import job_out
 from .deps import Gateway, gateway, owner, paged
 from .problems import ApiProblem, check_deleted

@@ -15,7 +15,7 @@ from nnm.engine.data import LoadLimits, PixelBudgetError
 from nnm.engine.errors import NNMError
 from nnm.engine.stages.assign import assign_images
 
-from ..retention import remove_files
+from ..store.retention import remove_files
 from .convert import model_out
 from .deps import Gateway, gateway, owner, paged
 from .model_cache import ModelCache

@@ -11,7 +11,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from .context import ServiceContext
+from ..context import ServiceContext
 from .db import utcnow
 from .storage import StorageError
 

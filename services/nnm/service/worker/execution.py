@@ -33,12 +33,12 @@ from nnm.engine.pipeline import run_pipeline
 from nnm.engine.progress import ProgressEvent, ProgressSink
 from nnm.engine.stages import run_cluster, run_evaluate, run_mine, run_pretext, run_selflabel
 
+from ..context import ServiceContext
+from ..jobspec import BACKBONE_PREFIX, INPUT_STAGE, STAGES, backbone_key, dataset_spec, resolve, uploaded_backbone
+from ..retry import is_transient, retry_db
+from ..store.db import JobRow, utcnow
+from ..store.storage import download_items, download_prefix, upload_dir
 from .child import attempt_dir
-from .context import ServiceContext
-from .db import JobRow, utcnow
-from .jobspec import BACKBONE_PREFIX, INPUT_STAGE, STAGES, backbone_key, dataset_spec, resolve, uploaded_backbone
-from .retry import is_transient, retry_db
-from .storage import download_items, download_prefix, upload_dir
 
 log = logging.getLogger("nnm.worker")
 

@@ -3,7 +3,7 @@
 `celery inspect ping` goes through Redis: during a Redis outage every worker would fail its liveness
 probe and be restarted, each restart handing back (and burning an attempt of) the job it was running.
 Instead the worker's main process touches a file every few seconds, and the probe
-(`python -m nnm.service.liveness`) checks only that file's age.
+(`python -m nnm.service.worker.liveness`) checks only that file's age.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def is_alive(path: Path, max_age_s: float) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when the worker on this host is alive (for liveness probes), 1 otherwise."""
-    from .settings import load_settings
+    from ..settings import load_settings
 
-    ap = argparse.ArgumentParser(prog="python -m nnm.service.liveness", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m nnm.service.worker.liveness", description=main.__doc__)
     ap.add_argument("--max-age", type=float, default=120.0, help="seconds (default 120)")
     args = ap.parse_args(argv)
     ok, why = is_alive(heartbeat_path(load_settings().work_dir), args.max_age)

@@ -3,7 +3,7 @@
 Dataset keys are deterministic (`datasets/{id}/...`). A job's outputs go under a prefix of the attempt
 that made them (`jobs/{id}/a{attempt}/{stage}/...`), so a worker that lost its job cannot overwrite
 what the attempt that took over wrote; the job's artifact rows in the job store say which objects
-count (see `nnm.service.execution`).
+count (see `nnm.service.worker.execution`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from .settings import Settings
+from ..settings import Settings
 
 
 class StorageError(Exception):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from .context import ServiceContext
-from .db import JobRow, utcnow
-from .queue import DEFER_S, BrokerMessages, JobQueue
-from .retry import is_transient
+from ..context import ServiceContext
+from ..queue import DEFER_S, BrokerMessages, JobQueue
+from ..retry import is_transient
+from ..store.db import JobRow, utcnow
 
 log = logging.getLogger("nnm.reconciler")
 

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from nnm.service.db import Base, make_engine
+from nnm.service.store.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

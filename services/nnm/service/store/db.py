@@ -1,7 +1,7 @@
 """The job store's tables (SQLAlchemy 2) and the engine/session factory.
 
 Postgres in production, SQLite in embedded mode; the schema is created by Alembic migrations
-(`nnm.service.migrations`).
+(`nnm.service.store.migrations`).
 """
 
 from __future__ import annotations

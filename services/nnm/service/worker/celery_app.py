@@ -1,4 +1,4 @@
-"""The Celery application of the workers: `celery -A nnm.service.celery_app worker -Q gpu`.
+"""The Celery application of the workers: `celery -A nnm.service.worker.celery_app worker -Q gpu`.
 
 Configured for long jobs: late acks and requeue when a worker process is lost, one message at a time,
 one task per pool process, JSON only, and a broker visibility timeout above the hard time limit so
@@ -20,8 +20,8 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
-from .queue import DEFER_S, QUEUES, TASK_NAME
-from .settings import load_settings
+from ..queue import DEFER_S, QUEUES, TASK_NAME
+from ..settings import load_settings
 
 log = logging.getLogger("nnm.worker")
 
@@ -66,7 +66,7 @@ def make_celery(broker_url: str | None = None) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def run_job(self, job_id: str) -> str | None:
-        from .context import ServiceContext
+        from ..context import ServiceContext
         from .runner import ShutdownRequested, execute_job
 
         ctx = ServiceContext.from_settings()
@@ -112,7 +112,7 @@ def _clear_shutdown_flag(**_: object) -> None:
 
 @worker_ready.connect
 def _start_liveness_beat(**_: object) -> None:
-    """The liveness probe reads this file's age (nnm.service.liveness), not the broker."""
+    """The liveness probe reads this file's age (nnm.service.worker.liveness), not the broker."""
     from .liveness import LivenessBeat, heartbeat_path
 
     LivenessBeat(heartbeat_path(load_settings().work_dir)).start()

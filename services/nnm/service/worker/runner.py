@@ -22,10 +22,10 @@ from sqlalchemy.exc import DBAPIError
 
 from api_schemas import JobStatus
 
+from ..context import ServiceContext
+from ..retry import is_transient, retry_db
+from ..store.storage import StorageError
 from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK, attempt_dir
-from .context import ServiceContext
-from .retry import is_transient, retry_db
-from .storage import StorageError
 
 log = logging.getLogger("nnm.worker")
 
@@ -50,7 +50,7 @@ def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
 
 def running_limit(ctx: ServiceContext, job_id: str) -> int | None:
     """How many jobs the owner of `job_id` may run at once (None: no limit, for anonymous use)."""
-    from .db import ApiKeyRow
+    from ..store.db import ApiKeyRow
 
     job = ctx.jobs.get_job(job_id)
     if job is None or job.owner == "public":
@@ -88,7 +88,7 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
     env["NNM_PARENT_PID"] = str(os.getpid())
     # Built-in datasets download once per worker into its cache, not next to the job store.
     env["NNM_DATASETS_DIR"] = str((settings.datasets_dir or settings.cache_dir / "datasets").resolve())
-    cmd = [sys.executable, "-m", "nnm.service.child", job_id, str(attempt), str(workdir)]
+    cmd = [sys.executable, "-m", "nnm.service.worker.child", job_id, str(attempt), str(workdir)]
     with open(workdir / "child.log", "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     cancel_seen: float | None = None

@@ -1,4 +1,4 @@
-"""Entry point of a job's child process: `python -m nnm.service.child JOB_ID ATTEMPT WORKDIR`.
+"""Entry point of a job's child process: `python -m nnm.service.worker.child JOB_ID ATTEMPT WORKDIR`.
 
 Training runs in a child of the worker task (not inside Celery's prefork process), so DataLoader
 workers and torch multiprocessing work and a cancelled or stuck job can be killed as a process
@@ -52,10 +52,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     from nnm.engine.errors import Cancelled, NNMError
 
-    from .context import ServiceContext
+    from ..context import ServiceContext
+    from ..jobspec import SpecError
+    from ..store.storage import StorageError
     from .execution import JobLost, run_job_stages
-    from .jobspec import SpecError
-    from .storage import StorageError
 
     ctx = ServiceContext.from_settings()
     try:

@@ -1,0 +1,1 @@
+"""Persistence: the job store (SQLAlchemy models, repository, migrations) and artifact storage."""
