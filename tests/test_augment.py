@@ -244,3 +244,34 @@ def test_strong_parameters_are_independent_per_image():
     for op in ("brightness", "rotate", "translate_x"):
         out = _strong(op, x)
         assert len({tuple(torch.round(r * 1e4).tolist()) for r in out.flatten(1)}) == 64, op
+
+
+# --- the masked (GPU) strong augmentation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels,magnitude", [(3, 1.0), (3, 0.6), (1, 1.0)])
+def test_masked_strong_augment_gives_every_image_what_the_subset_path_gives(channels, magnitude):
+    """The GPU path (every op on the whole batch, chosen per image by mask) draws the same random numbers
+    and gives every image the same pixels as the CPU path (each op on the images that drew it): so each
+    image keeps its own op and parameters, and the distribution is the one the per-image tests check."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (256, channels, 20, 24), generator=g, dtype=torch.uint8)  # not square
+    cfg = StrongAugmentConfig(magnitude=magnitude)  # all 14 ops, 4 slots, flip and cutout
+    mean, std = [0.5] * channels, [0.25] * channels
+    subset = StrongAugment(cfg, mean, std, masked=False)(x, torch.Generator().manual_seed(11))
+    masked = StrongAugment(cfg, mean, std, masked=True)(x, torch.Generator().manual_seed(11))
+    assert torch.allclose(masked, subset, atol=1e-5)
+    # and the images differ from each other: per-image parameters, not one draw for the batch
+    same_input = x[:1].repeat(64, 1, 1, 1)
+    out = StrongAugment(cfg, mean, std, masked=True)(same_input, torch.Generator().manual_seed(12))
+    assert len({tuple(torch.round(r * 1e3).tolist()) for r in out.flatten(1)}) > 60
+
+
+def test_masked_strong_augment_with_a_subset_of_ops():
+    """Ops missing from the list are never drawn, in either path (digits use no colour ops)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (64, 1, 16, 16), generator=g, dtype=torch.uint8)
+    cfg = StrongAugmentConfig(ops=["identity", "rotate", "posterize", "translate_y"], cutout=0.0)
+    subset = StrongAugment(cfg, [0.5], [0.25], masked=False)(x, torch.Generator().manual_seed(5))
+    masked = StrongAugment(cfg, [0.5], [0.25], masked=True)(x, torch.Generator().manual_seed(5))
+    assert torch.allclose(masked, subset, atol=1e-5)

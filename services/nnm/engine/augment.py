@@ -289,10 +289,19 @@ class StrongAugment:
     #: Range of posterize's bit count before truncation to an int, at magnitude 1.
     POSTERIZE = (4.0, 8.0)
 
-    def __init__(self, cfg: StrongAugmentConfig, mean: Sequence[float], std: Sequence[float]):
+    #: Ops that move pixels (one affine warp per slot) and ops without a pixel change.
+    GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+    def __init__(self, cfg: StrongAugmentConfig, mean: Sequence[float], std: Sequence[float],
+                 masked: bool | None = None):
+        """`masked`: apply every op to the whole batch and keep, per image, the result of its own op
+        (no host synchronisation: the fast way on a GPU); otherwise each op runs on the images that drew
+        it (least arithmetic: the fast way on a CPU). None picks by the device of the batch. Both give
+        every image the same result for the same random draws."""
         self.cfg = cfg
         self.ops = list(cfg.ops)
         self.norm = Normalize(mean, std)
+        self.masked = masked
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg, dev = self.cfg, images.device
@@ -305,7 +314,8 @@ class StrongAugment:
             op = torch.randint(len(self.ops), (n,), generator=gen, device=dev)
             u = torch.rand(n, generator=gen, device=dev)
             sign = torch.where(_bernoulli(n, 0.5, gen, dev), -1.0, 1.0)
-            x = self._apply_slot(x, op, u, sign)
+            masked = self.masked if self.masked is not None else x.device.type == "cuda"
+            x = (self._apply_slot_masked if masked else self._apply_slot)(x, op, u, sign)
         x = self.norm.standardise(x)
         if cfg.cutout > 0:
             x = self._cutout(x, gen)
@@ -344,35 +354,77 @@ class StrongAugment:
         gidx = geometric.nonzero().squeeze(1)
         if gidx.numel():
             x[gidx] = warp(x[gidx], theta[gidx])
-        lo, hi = self.ENHANCE
-        factor = 1.0 - mag * (1.0 - (lo + u * (hi - lo)))
-        plo, phi = self.POSTERIZE
-        bits = torch.floor(8.0 - mag * (8.0 - (plo + u * (phi - plo)))).clamp_(max=8.0)
-        # PIL inverts pixels p >= T (p in 0..255, T in [0, 256]); on x = p / 255 that is x >= T / 255.
-        threshold = 256.0 * (1.0 - mag * u) / 255.0
+        params = self._pixel_params(u)
         for k, name in enumerate(self.ops):
             idx = (op == k).nonzero().squeeze(1)
-            if idx.numel() == 0 or name in {"identity", "rotate", "shear_x", "shear_y", "translate_x", "translate_y"}:
+            if idx.numel() == 0 or name == "identity" or name in self.GEOMETRIC:
                 continue
-            sub = x[idx]
-            if name == "autocontrast":
-                sub = TF.autocontrast(sub)
-            elif name == "equalize":
-                sub = TF.equalize(sub)
-            elif name == "solarize":
-                sub = solarize(sub, threshold[idx])
-            elif name == "posterize":
-                sub = posterize(sub, bits[idx])
-            elif name == "color":
-                sub = adjust_saturation(sub, factor[idx])
-            elif name == "contrast":
-                sub = adjust_contrast(sub, factor[idx])
-            elif name == "brightness":
-                sub = adjust_brightness(sub, factor[idx])
-            elif name == "sharpness":
-                sub = adjust_sharpness(sub, factor[idx])
-            x[idx] = sub
+            x[idx] = self._pixel_op(name, x[idx], {key: v[idx] for key, v in params.items()})
         return x
+
+    def _apply_slot_masked(
+        self, x: torch.Tensor, op: torch.Tensor, u: torch.Tensor, sign: torch.Tensor
+    ) -> torch.Tensor:
+        """`_apply_slot` without data-dependent shapes: every op on the whole batch, chosen per image."""
+        h, w = x.shape[-2:]
+        mag = self.cfg.magnitude
+
+        def drew(name: str) -> torch.Tensor:
+            return op == (self.ops.index(name) if name in self.ops else -1)
+
+        signed = sign * mag * u
+        a = torch.deg2rad(signed * self.ROTATE_DEG)
+        rot, zero, one = drew("rotate"), torch.zeros_like(u), torch.ones_like(u)
+        shear, shift = signed * self.SHEAR, signed * self.TRANSLATE * 2
+        sx, sy = drew("shear_x"), drew("shear_y")
+        shear_x, shear_y = torch.where(sx, shear * h / w, zero), torch.where(sy, shear * w / h, zero)
+        row0 = [torch.where(rot, torch.cos(a), one), torch.where(rot, -torch.sin(a), shear_x),
+                torch.where(sx, shear_x, torch.where(drew("translate_x"), shift, zero))]
+        row1 = [torch.where(rot, torch.sin(a), shear_y), torch.where(rot, torch.cos(a), one),
+                torch.where(sy, shear_y, torch.where(drew("translate_y"), shift, zero))]
+        theta = torch.stack([torch.stack(row0, dim=1), torch.stack(row1, dim=1)], dim=1)
+        geometric = torch.stack([drew(name) for name in self.GEOMETRIC]).any(dim=0)
+        if any(name in self.ops for name in self.GEOMETRIC):
+            x = torch.where(_col(geometric), warp(x, theta), x)
+        params = self._pixel_params(u)
+        out = x
+        for name in self.ops:
+            if name == "identity" or name in self.GEOMETRIC:
+                continue
+            out = torch.where(_col(drew(name)), self._pixel_op(name, x, params), out)
+        return out
+
+    def _pixel_params(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image parameters of the pixel ops from their strengths `u`."""
+        mag = self.cfg.magnitude
+        lo, hi = self.ENHANCE
+        plo, phi = self.POSTERIZE
+        return {
+            "factor": 1.0 - mag * (1.0 - (lo + u * (hi - lo))),
+            "bits": torch.floor(8.0 - mag * (8.0 - (plo + u * (phi - plo)))).clamp_(max=8.0),
+            # PIL inverts pixels p >= T (p in 0..255, T in [0, 256]); on x = p / 255 that is x >= T / 255.
+            "threshold": 256.0 * (1.0 - mag * u) / 255.0,
+        }
+
+    @staticmethod
+    def _pixel_op(name: str, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        if name == "autocontrast":
+            return TF.autocontrast(x)
+        if name == "equalize":
+            return TF.equalize(x)
+        if name == "solarize":
+            return solarize(x, p["threshold"])
+        if name == "posterize":
+            return posterize(x, p["bits"])
+        if name == "color":
+            return adjust_saturation(x, p["factor"])
+        if name == "contrast":
+            return adjust_contrast(x, p["factor"])
+        if name == "brightness":
+            return adjust_brightness(x, p["factor"])
+        if name == "sharpness":
+            return adjust_sharpness(x, p["factor"])
+        raise ValueError(f"unknown strong-augmentation op '{name}'")
 
     def _cutout(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, _, h, w = x.shape
