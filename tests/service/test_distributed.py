@@ -23,8 +23,12 @@ def test_health_endpoints(client: Client):
     assert client.http.get("/healthz").json()["status"] == "ok"
     ready = client.http.get("/readyz").json()
     assert ready == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "store": "ok"}}
+    assert client.http.get("/no-such-page").status_code == 404
     metrics = client.http.get("/metrics")
-    assert metrics.status_code == 200 and "nnm_http_requests_total" in metrics.text
+    assert metrics.status_code == 200
+    # Counted per route template and status, the guard's and the router's answers alike.
+    assert 'nnm_http_requests_total{method="GET",route="/readyz",status="200"}' in metrics.text
+    assert 'nnm_http_requests_total{method="GET",route="unmatched",status="404"}' in metrics.text
     assert "nnm_jobs_active" in metrics.text
 
 

@@ -6,7 +6,9 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from nnm.service.client import Client
@@ -18,12 +20,11 @@ from .servers import free_port, stop
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("embedded")
+def serve(data_dir, **settings: str) -> tuple[subprocess.Popen, Client]:
+    """`nnm serve` on a free port with no NNM_* settings but `settings`; returns the process and a client."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NNM_")}
-    with open(data_dir / "serve.log", "wb") as log:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNM_")} | settings
+    with open(data_dir / f"serve-{port}.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nnm.cli.main", "serve", "--port", str(port), "--data-dir", str(data_dir)],
             env=env,
@@ -31,7 +32,13 @@ def embedded(tmp_path_factory):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    client = Client(f"http://127.0.0.1:{port}", timeout=120)
+    return proc, Client(f"http://127.0.0.1:{port}", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("embedded")
+    proc, client = serve(data_dir)
     try:
         client.wait_ready(90)
         yield client, data_dir
@@ -40,9 +47,10 @@ def embedded(tmp_path_factory):
         stop(proc, timeout=60)
 
 
-def test_embedded_pipeline_assign_and_artifacts(embedded):
-    client, data_dir = embedded
-    assert client.http.get("/readyz").json()["status"] == "ready"
+@pytest.fixture(scope="module")
+def finished_pipeline(embedded) -> tuple[dict, set]:
+    """A quick pipeline job on digits, run to the end; with the progress fractions seen while polling."""
+    client, _ = embedded
     ds = client.builtin_dataset("digits")
     assert ds["image_count"] == 1797 and ds["labelled"]
     job = client.submit("pipeline", ds["id"], FAST_PIPELINE)
@@ -50,6 +58,13 @@ def test_embedded_pipeline_assign_and_artifacts(embedded):
     final = client.wait(
         job["id"], timeout=900, poll_s=0.5, on_update=lambda j: fractions.add((j.get("progress") or {}).get("fraction"))
     )
+    return final, fractions
+
+
+def test_embedded_pipeline_assign_and_artifacts(embedded, finished_pipeline):
+    client, data_dir = embedded
+    assert client.http.get("/readyz").json()["status"] == "ready"
+    final, fractions = finished_pipeline
     assert final["status"] == "succeeded", final["error"]
     assert len(fractions - {None}) >= 3
     assert 0.0 < final["metrics"]["acc"] <= 1.0
@@ -64,6 +79,51 @@ def test_embedded_pipeline_assign_and_artifacts(embedded):
     # Work directories of finished jobs are removed.
     time.sleep(0.5)
     assert not (data_dir / "work" / final["id"]).exists()
+
+
+def test_concurrent_assign_requests_get_the_answers_of_single_ones(embedded, finished_pipeline):
+    """Requests that arrive together share forward passes; each still gets its own images' answers."""
+    client, _ = embedded
+    model_id = finished_pipeline[0]["model_id"]
+    images = [(f"{i}.png", digit_png(i)) for i in range(10)]
+    alone = [client.assign(model_id, [image])[0] for image in images]
+    with ThreadPoolExecutor(10) as pool:
+        together = list(pool.map(lambda image: client.assign(model_id, [image])[0], images * 3))
+    assert [t["filename"] for t in together] == [a["filename"] for a in alone] * 3
+    assert [t["cluster"] for t in together] == [a["cluster"] for a in alone] * 3
+    assert [t["confidence"] for t in together] == pytest.approx([a["confidence"] for a in alone] * 3, abs=1e-4)
+
+
+def test_a_full_assign_queue_answers_503_with_retry_after(embedded, finished_pipeline):
+    """Past the queue's images, a request is refused at once with a problem and Retry-After, not queued."""
+    _, data_dir = embedded
+    model_id = finished_pipeline[0]["model_id"]
+    # A second gateway on the same data: room for one queued image, and a long collection window, so
+    # the first request holds the queue while the others arrive.
+    proc, client = serve(data_dir, NNM_ASSIGN_QUEUE_IMAGES="1", NNM_ASSIGN_BATCH_WINDOW_MS="1500")
+    try:
+        client.wait_ready(90)
+        start = threading.Barrier(4)
+
+        def post(i: int):
+            start.wait()
+            return client.http.post(f"/v1/models/{model_id}/assign", files=[("files", (f"{i}.png", digit_png(i)))])
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, range(4)))
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses[0] == 200 and statuses[-1] == 503, statuses
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                assert r.headers["content-type"] == "application/problem+json"
+                problem = r.json()
+                assert problem["type"] == "urn:nnm:problem:overloaded" and "retry shortly" in problem["detail"]
+        # The queue drained: the next request is served.
+        assert client.assign(model_id, [("7.png", digit_png(7))])[0]["filename"] == "7.png"
+    finally:
+        client.close()
+        stop(proc, timeout=60)
 
 
 def test_an_upload_with_train_and_test_folders_reports_the_test_split(embedded, tmp_path):

@@ -59,6 +59,14 @@ class Settings(BaseModel):
     #: gateway decodes them while the caller waits (2**30: 64 images at the pixel limit; JPEGs count
     #: at the reduced scale they are decoded at).
     max_assign_pixels: int = Field(1024**3, ge=1)
+    #: Concurrent assign requests share forward passes: the inference thread waits this long for more
+    #: requests when fewer than `assign_max_batch` images are queued.
+    assign_batch_window_ms: float = Field(2.0, ge=0, le=1000)
+    #: Images classified in one forward pass.
+    assign_max_batch: int = Field(256, ge=1)
+    #: Images queued for classification in one gateway process beyond which assign requests get 503 with
+    #: Retry-After (a few seconds of work on 2 cores), rather than waiting behind minutes of it.
+    assign_queue_images: int = Field(4096, ge=1)
     #: Attempts before a job whose worker keeps dying is failed.
     job_max_attempts: int = Field(3, ge=1)
     #: A running job whose heartbeat is older than this may be taken over by another worker.

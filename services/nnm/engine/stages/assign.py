@@ -25,6 +25,20 @@ def assign_images(
 ) -> list[dict[str, Any]]:
     """Cluster id and confidence for each (name, image) pair; an image is encoded bytes, a path or a binary file.
 
+    `decode_for_model`, then the model, then `describe_assignments`: see those for the limits.
+    """
+    if not images:
+        return []
+    pixels = decode_for_model(model, images, limits)
+    probs, _ = model.predict(torch.from_numpy(pixels), Runtime(runtime_cfg or RuntimeConfig()), batch_size)
+    return describe_assignments(model, [name for name, _ in images], probs)
+
+
+def decode_for_model(
+    model: TrainedModel, images: Sequence[tuple[str, ImageSource]], limits: LoadLimits | None = None
+) -> np.ndarray:
+    """The images as one uint8 batch (N, C, S, S) in the model's channels and input size.
+
     Every header is read first: an image over `limits.max_image_pixels`, or all of them together over
     `limits.max_total_pixels` (PixelBudgetError), is refused before anything is decoded. Then images
     are decoded one at a time per decode slot (JPEGs at reduced scale) and shrunk at once to the
@@ -32,9 +46,6 @@ def assign_images(
     decoded before any is classified, so one bad file fails the call with its name.
     """
     limits = limits or LoadLimits()
-    if not images:
-        return []
-    rt = Runtime(runtime_cfg or RuntimeConfig())
     mode = "L" if model.info.in_channels == 1 else "RGB"
     size = model.info.image_size
     costs = ordered_map(lambda i: image_cost(images[i][1], images[i][0], size, limits.max_image_pixels), len(images))
@@ -52,9 +63,13 @@ def assign_images(
 
     for i, pixels in enumerate(ordered_map(decode, len(images))):
         batch[i] = pixels
-    probs, _ = model.predict(torch.from_numpy(batch), rt, batch_size)
+    return batch
+
+
+def describe_assignments(model: TrainedModel, names: Sequence[str], probs: np.ndarray) -> list[dict[str, Any]]:
+    """One {image, cluster, confidence[, class_name]} per row of cluster probabilities."""
     results = []
-    for (name, _), p in zip(images, probs, strict=True):
+    for name, p in zip(names, probs, strict=True):
         cluster = int(p.argmax())
         item: dict[str, Any] = {"image": name, "cluster": cluster, "confidence": round(float(p[cluster]), 6)}
         cls = model.class_of(cluster)

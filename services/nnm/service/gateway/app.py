@@ -7,7 +7,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 
 from nnm import __version__
 
@@ -16,6 +16,7 @@ from ..queue import JobQueue, LocalQueue, make_queue
 from ..store.retention import RetentionSweeper
 from ..worker.reconciler import Reconciler
 from . import problems
+from .assign_batcher import AssignBatcher
 from .deps import Gateway, authenticate
 from .guard import RequestGuard
 from .model_cache import ModelCache
@@ -60,15 +61,34 @@ def _metrics(app: FastAPI, ctx: ServiceContext) -> None:
     registry.register(JobGauge())
     app.state.registry = registry
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Any:
+    app.add_middleware(_Observe, requests=requests, latency=latency)
+
+
+class _Observe:
+    """ASGI middleware counting requests and their latency per route template (plain ASGI: Starlette's
+    `BaseHTTPMiddleware` costs a task group and memory streams per request)."""
+
+    def __init__(self, app: Any, requests: Any, latency: Any):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(request.method, path).observe(time.perf_counter() - started)
-        return response
+        status = 500
+
+        async def observed_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, observed_send)
+        # The router wrote the matched route into the shared scope.
+        path = getattr(scope.get("route"), "path", "unmatched")
+        self.requests.labels(scope["method"], path, str(status)).inc()
+        self.latency.labels(scope["method"], path).observe(time.perf_counter() - started)
 
 
 def create_app(
@@ -101,6 +121,7 @@ def create_app(
         try:
             yield
         finally:
+            await app.state.gateway.assigner.aclose()
             if sweeper:
                 sweeper.stop()
             if reconciler:
@@ -109,7 +130,10 @@ def create_app(
             ctx.close()
 
     app = FastAPI(title="nnm", version=__version__, description=DESCRIPTION, lifespan=lifespan)
-    app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx))
+    s = ctx.settings
+    assigner = AssignBatcher(window_s=s.assign_batch_window_ms / 1000, max_batch=s.assign_max_batch,
+                             max_queued_images=s.assign_queue_images)
+    app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx), assigner=assigner)
     problems.install(app)
     # Authenticate and cap the body before any route (or FastAPI's JSON parsing) reads it. Added before
     # the metrics middleware, so that one wraps it and counts the requests the guard refuses too.

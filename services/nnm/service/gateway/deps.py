@@ -23,6 +23,7 @@ class Gateway:
     ctx: ServiceContext
     queue: JobQueue
     models: Any  # ModelCache
+    assigner: Any = None  # AssignBatcher
     keys: KeyStore = field(init=False)
     uploads: UploadLimiter = field(init=False)
     _keys_checked: float = field(default=-1e9, init=False)

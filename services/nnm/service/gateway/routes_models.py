@@ -10,12 +10,12 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api_schemas import Assignment, ModelList, ModelOut
-from nnm.engine.config import RuntimeConfig
 from nnm.engine.data import LoadLimits, PixelBudgetError
 from nnm.engine.errors import NNMError
-from nnm.engine.stages.assign import assign_images
+from nnm.engine.stages.assign import decode_for_model, describe_assignments
 
 from ..store.retention import remove_files
+from .assign_batcher import AssignBatcher, Overloaded
 from .convert import model_out
 from .deps import Gateway, gateway, owner, paged
 from .model_cache import ModelCache
@@ -113,11 +113,17 @@ async def assign(
         s = gw.ctx.settings
         limits = LoadLimits(max_image_pixels=s.max_image_pixels, max_total_pixels=s.max_assign_pixels)
         try:
-            results = await run_in_threadpool(assign_images, model, images, RuntimeConfig(device="cpu"), 256, limits)
+            pixels = await run_in_threadpool(decode_for_model, model, images, limits)
         except PixelBudgetError as exc:
             raise ApiProblem(413, str(exc), type_="urn:nnm:problem:too-large") from None
         except NNMError as exc:
             raise ApiProblem(422, str(exc), type_="urn:nnm:problem:invalid-image") from None
+        assigner: AssignBatcher = gw.assigner
+        try:  # with the other requests' images of this model, in one forward pass
+            probs = await assigner.classify(row.id, model, pixels)
+        except Overloaded as exc:
+            raise ApiProblem(503, str(exc), type_="urn:nnm:problem:overloaded", headers={"Retry-After": "1"}) from None
+        results = describe_assignments(model, [name for name, _ in images], probs)
     finally:
         await form.close()
     return [
