@@ -50,6 +50,32 @@ def test_paper_presets_follow_the_papers():
 def test_auto_preset_depends_on_device_and_unknown_preset_fails():
     traits = DatasetTraits("digits", 8, 1, 1797)
     assert build_preset("auto", traits, cuda=False) == build_preset("cpu", traits, cuda=False)
-    assert build_preset("auto", traits, cuda=True) == build_preset("nnm", traits, cuda=True)
-    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
-        build_preset("fast", traits, cuda=False)
+    assert build_preset("auto", traits, cuda=True) == build_preset("fast", traits, cuda=True)
+    with pytest.raises(ConfigError, match="unknown preset 'turbo'"):
+        build_preset("turbo", traits, cuda=False)
+
+
+def test_fast_preset_keeps_the_papers_networks_and_sizes_its_schedules_by_the_data():
+    def resolved(traits: DatasetTraits, dataset: str) -> PipelineConfig:
+        cfg = build_preset("fast", traits, cuda=True)
+        return parse_config(PipelineConfig, cfg | {"data": cfg.get("data", {}) | {"dataset": dataset}})
+
+    cifar = resolved(DatasetTraits(None, 32, 3, 45000, ("train", "test")), "cifar10-split.zip")
+    paper = parse_config(PipelineConfig, build_preset("nnm", DatasetTraits("cifar10", 32, 3, 50000), True)
+                         | {"data": {"dataset": "cifar10"}})
+    assert (cifar.pretext.epochs, cifar.cluster.epochs, cifar.selflabel.epochs) == (100, 20, 20)
+    # The papers' network, augmentations, loss and heads; only the schedules and step sizes change.
+    assert cifar.pretext.backbone == paper.pretext.backbone and cifar.pretext.augment == paper.pretext.augment
+    assert cifar.cluster.augment == paper.cluster.augment and cifar.selflabel.augment == paper.selflabel.augment
+    assert (cifar.cluster.method, cifar.cluster.heads, cifar.mine.topk) == ("nnm", 3, 20)
+    assert cifar.pretext.temperature == paper.pretext.temperature and cifar.selflabel.threshold == 0.99
+    # STL-10: its 96 px network, the unlabelled images in the pretext, fewer epochs for 105,000 big images.
+    stl = resolved(DatasetTraits("stl10", 96, 3, 5000, ("train", "test", "unlabeled")), "stl10")
+    assert stl.pretext.backbone.arch == "resnet18-stl" and stl.data.pretext_split == "train+unlabeled"
+    assert stl.pretext.epochs == 20 and stl.cluster.epochs == 20
+    # A small folder gets more epochs (capped), a huge one fewer (floored).
+    small = resolved(DatasetTraits(None, 96, 3, 400), "folder")
+    huge = resolved(DatasetTraits(None, 32, 3, 5_000_000), "folder")
+    assert (small.pretext.epochs, small.cluster.epochs) == (300, 100)
+    assert (huge.pretext.epochs, huge.cluster.epochs, huge.selflabel.epochs) == (20, 10, 10)
+

@@ -161,3 +161,32 @@ def test_split_folder_reports_the_test_split_and_keeps_the_training_figures(tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["acc"] == pytest.approx(metrics["acc"]) and again["num_images"] == 100
+
+
+@pytest.mark.slow
+def test_fast_preset_runs_on_a_96px_folder_of_20_classes(tmp_path, digits):
+    """The `fast` preset (made for one GPU) on another shape of data, at small scale on this CPU: 40 RGB
+    images of 96 px in 20 classes (digits 0-9, each in two tints), its schedules cut to one epoch each."""
+    root = tmp_path / "stl-like"
+    seen = [0] * 10
+    for i in range(40):
+        digit = int(digits.labels[i])
+        tint, seen[digit] = seen[digit] % 2, seen[digit] + 1  # every digit has at least 3: both tints
+        gray = np.asarray(Image.fromarray(digits.images[i, 0].numpy()).resize((96, 96), Image.BILINEAR))
+        rgb = np.stack([gray, gray // 2, gray // 3] if tint else [gray // 3, gray, gray // 2], axis=2)
+        folder = root / f"{digit}-{'ab'[tint]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:03d}.png").write_bytes(png_bytes(rgb.astype(np.uint8)))
+    classes = {p.name for p in root.iterdir()}
+    assert len(classes) == 20
+    out = tmp_path / "run"
+    r = run_cli("pipeline", "--dataset", str(root), "--preset", "fast", "--device", "cpu", "--quiet", "--out", str(out),
+                "--set", "pretext.epochs=1", "--set", "cluster.epochs=1", "--set", "selflabel.epochs=1", timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretext"]["backbone"]["arch"] == "resnet18-stl"
+    assert json.loads((out / "model" / "model.json").read_text())["image_size"] == 96
+    assert config["cluster"]["clusters"] is None and config["cluster"]["batch_size"] == 512  # more than the data
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 40 and len(metrics["cluster_sizes"]) == len(classes)
+    assert 0 < metrics["acc"] <= 1 and sum(metrics["cluster_sizes"]) == 40

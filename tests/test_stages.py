@@ -432,3 +432,43 @@ def test_selflabel_reports_the_guard_figures_it_decided_on(setup, nnm_run, tmp_p
         expected = label_free_quality(torch.softmax(logits, dim=1), pool)
         for name, value in expected.items():
             assert summary[key][name] == pytest.approx(value, abs=1e-6), (key, name)
+
+
+class LossEvents(ProgressSink):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, float | None]] = []
+
+    def update(self, event) -> None:
+        self.events.append((event.stage, event.step, event.loss))
+
+
+def test_the_gpu_loop_settings_train_the_same_models_and_read_losses_less_often(setup, nnm_run, tmp_path):
+    """`sync_every` > 1 (sums kept as tensors, read once per epoch) and `resident_data` (batches gathered
+    from the set where it lives) are how the stages run on a GPU; on this CPU they must give the same
+    weights and epoch means as the plain loop, and report the loss only every `sync_every` steps."""
+    root, data, _ = setup
+    gpu_like = RT.model_copy(update={"sync_every": 2, "resident_data": True})
+    pretext_cfg = PretextConfig(backbone={"width": 8}, epochs=2, batch_size=32, augment={"crop_size": 12})
+    sinks, histories = {}, {}
+    for name, rt in (("plain", RT), ("gpu_like", gpu_like)):
+        sinks[name] = LossEvents()
+        histories[name] = [
+            run_pretext(pretext_cfg, data, tmp_path / name / "pretext", rt, sinks[name])["history"],
+            run_cluster(NNM_CFG, data, root / "pretext", root / "mine", tmp_path / name / "cluster", rt,
+                        sinks[name])["history"],
+            run_selflabel(SelfLabelConfig(epochs=2, batch_size=32, threshold=0.5, augment=MILD), data,
+                          tmp_path / name / "cluster", tmp_path / name / "selflabel", rt, sinks[name])["history"],
+        ]
+    for stage, plain_hist, other_hist in zip(("pretext", "cluster", "selflabel"), *histories.values(), strict=True):
+        plain, other = (safe_load(tmp_path / n / stage / "model.pt") for n in ("plain", "gpu_like"))
+        assert plain.keys() == other.keys() and all(torch.equal(plain[k], other[k]) for k in plain), stage
+        for a, b in zip(plain_hist, other_hist, strict=True):
+            assert a.get("head_losses") == b.get("head_losses")
+            a, b = ({k: v for k, v in h.items() if k not in TIMING_KEYS | {"head_losses"}} for h in (a, b))
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), stage
+    steps = len(data) // 32
+    plain_losses = [e for e in sinks["plain"].events if e[0] == "pretext"]
+    read = [e for e in sinks["gpu_like"].events if e[0] == "pretext"]
+    # Steps 2 and 3 (the last) read the loss; step 1 has none yet; the values read are the plain loop's.
+    assert [e[1] for e in read[:steps]] == [1, 2, 3] and read[0][2] is None
+    assert read[1][2] == pytest.approx(plain_losses[1][2]) and read[2][2] == pytest.approx(plain_losses[2][2])

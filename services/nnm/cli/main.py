@@ -29,7 +29,8 @@ def _add_common(p: argparse.ArgumentParser, dataset: bool = True, preset: bool =
             "or a folder / .zip of images",
         )
     if preset:
-        p.add_argument("--preset", default="auto", help="auto, nnm, scan, cpu or quick (default: auto)")
+        p.add_argument("--preset", default="auto",
+                       help="auto (fast on a GPU, cpu otherwise), nnm, scan, fast, cpu or quick (default: auto)")
         p.add_argument("--config", type=Path, help="JSON file of settings merged over the preset")
         p.add_argument(
             "--set",

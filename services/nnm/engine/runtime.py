@@ -52,6 +52,9 @@ class Runtime:
             torch.set_num_threads(cfg.threads)
         self.channels_last = True
         self.micro_batch = cfg.micro_batch or (256 if self.device.type == "cpu" else 0)
+        self.sync_every = cfg.sync_every or (50 if self.device.type == "cuda" else 1)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
 
     @property
     def seed(self) -> int:
@@ -71,6 +74,20 @@ class Runtime:
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """Move a uint8 batch to the device (augmentation runs there)."""
         return images.to(self.device, non_blocking=True)
+
+    def resident(self, images: torch.Tensor) -> torch.Tensor:
+        """The data set where batches are gathered: on the device when `resident_data` says so (None: a GPU
+        with room for it), else where it is."""
+        want = self.cfg.resident_data
+        if want is None:
+            want = self.device.type == "cuda" and images.nbytes < 0.25 * torch.cuda.mem_get_info(self.device)[0]
+        return images.to(self.device) if want else images
+
+    def gather(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of a data set from `resident`, on the device (gathered there when it is resident)."""
+        if images.device.type == self.device.type:  # one device per process: 'cuda' is 'cuda:0' here
+            return images[idx.to(images.device, non_blocking=True)]
+        return images[idx.cpu()].to(self.device, non_blocking=True)
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

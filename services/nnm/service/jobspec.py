@@ -108,7 +108,7 @@ def submitted_params(params: dict[str, Any], device: str) -> dict[str, Any]:
         chosen = resolve_device("auto").type
     preset = params.get("preset", "auto")
     if preset == "auto":
-        preset = "nnm" if chosen == "cuda" else "cpu"
+        preset = "fast" if chosen == "cuda" else "cpu"
     return {**params, "preset": preset, "runtime": {**runtime, "device": chosen}}
 
 

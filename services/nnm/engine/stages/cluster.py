@@ -142,6 +142,8 @@ def run_cluster(
     normalize = Normalize(info.mean, info.std)
     n = len(data)
     steps = steps_per_epoch(n, cfg.batch_size)
+    images = rt.resident(data.images)
+    nb_table = pool.to(images.device)  # neighbour ids where the images are: gathered without a host sync
 
     def evaluate_all() -> tuple[list[float], torch.Tensor | None]:
         """Whole-set pass: per-head label-free losses and (NNM) the global matching memory."""
@@ -166,13 +168,15 @@ def run_cluster(
         model.train()
         if not cfg.update_backbone:
             model.backbone.eval()
-        meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps)
+        meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
+        mem_table = memory.to(images.device) if use_global and memory is not None else None
         for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
             meter.before_step()
             b = len(idx)
-            pick = torch.randint(n_nb, (b,), generator=gen, device=gen.device).cpu()
-            nb_idx = pool[idx, pick]
-            xa, xn = rt.to_device(data.images[idx]), rt.to_device(data.images[nb_idx])
+            pick = torch.randint(n_nb, (b,), generator=gen, device=gen.device)
+            at = idx.to(nb_table.device, non_blocking=True)
+            nb_idx = nb_table[at, pick.to(nb_table.device)]
+            xa, xn = rt.gather(images, at), rt.gather(images, nb_idx)
             views = [augment(xa, gen), augment(xn, gen)] + ([augment(xa, gen)] if nnm else [])
             inputs = rt.to_model(torch.cat(views))
             with rt.autocast():
@@ -181,10 +185,10 @@ def run_cluster(
                 logits = model.forward_features(feats)
             batch_nb = batch_nearest(feats[:b]) if nnm and cfg.local_matching else None
             total = torch.zeros((), device=rt.device)
-            parts: dict[str, float] = {}
+            parts: dict[str, torch.Tensor] = {}
             for h, lg in enumerate(logits):
                 if nnm:
-                    mem = memory[h][idx].to(rt.device) if use_global and memory is not None else None
+                    mem = mem_table[h][at].to(rt.device) if mem_table is not None else None
                     terms = nnm_loss(
                         lg[:b], lg[b : 2 * b], lg[2 * b :], batch_nb, mem, cfg.entropy_weight, cfg.cluster_temperature
                     )
@@ -192,12 +196,12 @@ def run_cluster(
                     terms = scan_loss(lg[:b], lg[b : 2 * b], cfg.entropy_weight)
                 total = total + terms["total"]
                 for key, value in terms.items():
-                    parts[key] = parts.get(key, 0.0) + float(value.detach()) / len(logits)
+                    parts[key] = parts.get(key, 0.0) + value.detach() / len(logits)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             parts.pop("total", None)
-            meter.after_step(step, b, {"loss": float(total.detach()) / len(logits), **parts})
+            meter.after_step(step, b, {"loss": total.detach() / len(logits), **parts})
         stats: dict[str, Any] = meter.summary()
         losses, new_memory = evaluate_all()
         if use_global:

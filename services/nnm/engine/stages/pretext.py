@@ -67,6 +67,7 @@ def run_pretext(
     start, state = stage.resume(components, sink)
     history: list[dict[str, float]] = state.get("history", [])
     augment = SimCLRAugment(cfg.augment, mean, std)
+    images = rt.resident(data.images)
     n = len(data)
     steps = steps_per_epoch(n, cfg.batch_size)
     sink.stage_started(STAGE, cfg.epochs, steps)
@@ -75,10 +76,10 @@ def run_pretext(
         set_lr(opt, lr)
         gen = rt.generator(STAGE, epoch)
         model.train()
-        meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps)
+        meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
         for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
             meter.before_step()
-            x = rt.to_device(data.images[idx])
+            x = rt.gather(images, idx)
             views = torch.cat([augment(x, gen), augment(x, gen)])
             with rt.autocast():
                 z = rt.forward_chunked(model, rt.to_model(views))
@@ -86,7 +87,7 @@ def run_pretext(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            meter.after_step(step, len(idx), {"loss": loss.item()})
+            meter.after_step(step, len(idx), {"loss": loss.detach()})
         stats = meter.summary() | {"lr": lr}
         history.append(stats)
         stage.save(epoch + 1, components, {"history": history})

@@ -131,13 +131,14 @@ def run_selflabel(
             state["loss_before"] = head_losses([probs], pool, ENTROPY_WEIGHT)[0]
     n = len(data)
     steps = steps_per_epoch(n, cfg.batch_size)
+    images = rt.resident(data.images)
     sink.stage_started(STAGE, cfg.epochs, steps)
     for epoch in range(start, cfg.epochs):
         gen = rt.generator(STAGE, epoch)
-        meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps)
+        meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
         for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
             meter.before_step()
-            x = rt.to_device(data.images[idx])
+            x = rt.gather(images, idx)
             teacher = ema if ema is not None else model
             teacher.eval()
             with torch.no_grad(), rt.autocast():
@@ -152,7 +153,7 @@ def run_selflabel(
                 opt.step()
             if ema is not None:
                 ema_update(ema, model, cfg.ema_decay)
-            meter.after_step(step, len(idx), {"loss": loss.item(), "confident": confident / len(idx)})
+            meter.after_step(step, len(idx), {"loss": loss.detach(), "confident": confident / len(idx)})
         stats = meter.summary()
         history.append(stats)
         stage.save(epoch + 1, components, {"history": history, **{k: v for k, v in state.items() if k != "history"}})
