@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
-from .store.db import ApiKeyRow, JobRow, UploadEventRow, new_id, utcnow
+from .store.db import ApiKeyRow, UploadEventRow, new_id, utcnow
 from .store.repository import JobStore
 
 #: `read` for GET, `write` for everything else, `metrics` for Prometheus' /metrics (global job counts).
@@ -95,13 +95,6 @@ class KeyStore:
 def principal_of(row: ApiKeyRow) -> Principal:
     return Principal(owner=row.id, scopes=frozenset(row.scopes or ()), max_running_jobs=row.max_running_jobs,
                      max_queued_jobs=row.max_queued_jobs, uploads_per_minute=row.uploads_per_minute)
-
-
-def active_jobs(jobs: JobStore, owner: str) -> dict[str, int]:
-    with jobs.session() as s:
-        rows = s.execute(select(JobRow.status, func.count()).where(
-            JobRow.owner == owner, JobRow.status.in_(("queued", "running", "cancelling"))).group_by(JobRow.status))
-        return {status: n for status, n in rows}
 
 
 class UploadLimiter:

@@ -46,8 +46,15 @@ class Gateway:
             self._keys_checked = time.monotonic()
         return self._keys_exist
 
+    async def keys_required_async(self) -> bool:
+        """`keys_required` from the event loop: a worker thread only when the database must be asked."""
+        if self.ctx.settings.auth != "auto" or self._keys_exist or time.monotonic() - self._keys_checked <= 5.0:
+            return self.keys_required()
+        return await run_in_threadpool(self.keys_required)
 
-def gateway(request: Request) -> Gateway:
+
+async def gateway(request: Request) -> Gateway:
+    """The gateway's state (async: FastAPI would run a plain function on a worker thread, per request)."""
     return request.app.state.gateway
 
 
@@ -68,7 +75,8 @@ async def authenticate(
     """
     principal = getattr(request.state, "principal", None)
     if principal is None:
-        principal = await _principal_from_key(gateway(request), credentials.credentials if credentials else x_api_key)
+        principal = await _principal_from_key(request.app.state.gateway,
+                                              credentials.credentials if credentials else x_api_key)
     needed = "read" if request.method in {"GET", "HEAD", "OPTIONS"} else "write"
     if needed not in principal.scopes:
         raise ApiProblem(403, f"this API key lacks the '{needed}' scope", type_="urn:nnm:problem:forbidden")
@@ -76,16 +84,21 @@ async def authenticate(
     return principal
 
 
-async def _principal_from_key(gw: Gateway, key: str | None) -> Principal:
+async def principal_for_key(gw: Gateway, key: str | None) -> Principal | str:
+    """The caller with API key `key` (None: no key sent), or why it is refused (a 401's detail)."""
     if not key:
-        if await run_in_threadpool(gw.keys_required):
-            raise ApiProblem(401, "an API key is required: send 'Authorization: Bearer <key>'",
-                             type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
+        if await gw.keys_required_async():
+            return "an API key is required: send 'Authorization: Bearer <key>'"
         return ANONYMOUS
     row = await run_in_threadpool(gw.keys.find, key)
-    if row is None:
-        raise ApiProblem(401, "the API key is not valid", type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
-    return principal_of(row)
+    return "the API key is not valid" if row is None else principal_of(row)
+
+
+async def _principal_from_key(gw: Gateway, key: str | None) -> Principal:
+    principal = await principal_for_key(gw, key)
+    if isinstance(principal, str):
+        raise ApiProblem(401, principal, type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
+    return principal
 
 
 def paged(fetch: Any, cursor: str | None, limit: int) -> tuple[list, str | None]:
@@ -96,6 +109,7 @@ def paged(fetch: Any, cursor: str | None, limit: int) -> tuple[list, str | None]
         raise ApiProblem(422, f"cursor: {exc}", type_="urn:nnm:problem:validation") from None
 
 
-def owner(principal: Annotated[Principal, Depends(authenticate)]) -> str:
-    """The identity that owns what this request creates and the only one that can see it."""
+async def owner(principal: Annotated[Principal, Depends(authenticate)]) -> str:
+    """The identity that owns what this request creates and the only one that can see it (async: no
+    worker thread per request for a field read)."""
     return principal.owner

@@ -14,11 +14,10 @@ import logging
 import re
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import DBAPIError
 
-from ..auth import ANONYMOUS, principal_of
 from ..retry import is_transient
+from .deps import principal_for_key
 
 log = logging.getLogger("nnm.gateway")
 
@@ -119,19 +118,9 @@ class RequestGuard:
                 await _send_problem(send, path, *_too_large(limit))
 
     async def _authenticate(self, scope: dict, headers: dict[bytes, bytes]) -> tuple | None:
-        gw = self.gateway
-        key = bearer_key(headers)
-        if key is None:
-            if await run_in_threadpool(gw.keys_required):
-                return (401, "Unauthorized", "an API key is required: send 'Authorization: Bearer <key>'",
-                        "urn:nnm:problem:unauthorized", UNAUTHORIZED_HEADERS)
-            principal = ANONYMOUS
-        else:
-            row = await run_in_threadpool(gw.keys.find, key)
-            if row is None:
-                return (401, "Unauthorized", "the API key is not valid", "urn:nnm:problem:unauthorized",
-                        UNAUTHORIZED_HEADERS)
-            principal = principal_of(row)
+        principal = await principal_for_key(self.gateway, bearer_key(headers))
+        if isinstance(principal, str):
+            return (401, "Unauthorized", principal, "urn:nnm:problem:unauthorized", UNAUTHORIZED_HEADERS)
         scope.setdefault("state", {})["principal"] = principal
         return None
 

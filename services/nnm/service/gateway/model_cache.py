@@ -21,7 +21,16 @@ class ModelCache:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
 
+    def cached(self, model_id: str) -> TrainedModel | None:
+        """The model if it is in memory (never blocks: for the event loop), else None."""
+        with self._lock:
+            model = self._models.get(model_id)
+            if model is not None:
+                self._models.move_to_end(model_id)
+            return model
+
     def get(self, row: ModelRow) -> TrainedModel:
+        """The model of `row`, downloaded and loaded on first use (blocks: call it on a worker thread)."""
         with self._lock:
             if row.id in self._models:
                 self._models.move_to_end(row.id)

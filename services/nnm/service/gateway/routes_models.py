@@ -109,7 +109,7 @@ async def assign(
         # The spooled upload files themselves go to the decoder: no file is read whole into memory.
         images = [(f.filename or f"file{i}", f.file) for i, f in enumerate(files)]
         cache: ModelCache = gw.models  # type: ignore[assignment]
-        model = await run_in_threadpool(cache.get, row)
+        model = cache.cached(row.id) or await run_in_threadpool(cache.get, row)
         s = gw.ctx.settings
         limits = LoadLimits(max_image_pixels=s.max_image_pixels, max_total_pixels=s.max_assign_pixels)
         try:

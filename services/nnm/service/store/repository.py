@@ -556,10 +556,10 @@ class JobStore:
             return "deleted", row, []
 
     def expire_artifacts(self, older_than: datetime, keep: Sequence[str] = ("metrics.json",),
-                         limit: int = 100) -> list[tuple[str, list[str]]]:
+                         limit: int = 100) -> list[str]:
         """Forget the artifacts of jobs that finished before `older_than`, except the model and `keep`;
-        returns [(job id, the store keys to delete)]. Jobs an active job still uses are skipped."""
-        out: list[tuple[str, list[str]]] = []
+        returns those jobs' ids (the caller deletes their files). Jobs an active job still uses are skipped."""
+        out: list[str] = []
         with self.session() as s:
             candidates = list(s.scalars(
                 select(JobRow).where(JobRow.status.in_(TERMINAL), JobRow.finished_at < older_than,
@@ -578,7 +578,7 @@ class JobStore:
                 for a in rows:
                     s.delete(a)
                 s.add(EventRow(job_id=job.id, kind="artifacts-expired", detail=json.dumps({"count": len(rows)})))
-                out.append((job.id, [a.key for a in rows]))
+                out.append(job.id)
         return out
 
     # ------------------------------------------------------------------ fencing by attempt, republishing

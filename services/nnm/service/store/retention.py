@@ -36,7 +36,7 @@ def sweep_once(ctx: ServiceContext) -> list[str]:
     if days <= 0:
         return []
     expired = ctx.jobs.expire_artifacts(utcnow() - timedelta(days=days), keep=KEEP_AFTER_EXPIRY)
-    for job_id, _keys in expired:
+    for job_id in expired:
         kept = {a.key for a in ctx.jobs.artifacts(job_id)}
         try:
             for key in ctx.store.list(f"jobs/{job_id}/"):
@@ -46,7 +46,7 @@ def sweep_once(ctx: ServiceContext) -> list[str]:
             log.warning("retention: files of job %s not deleted yet (%s)", job_id, exc)
     if expired:
         log.info("retention: expired the artifacts of %d job(s)", len(expired))
-    return [job_id for job_id, _ in expired]
+    return expired
 
 
 class RetentionSweeper(threading.Thread):
