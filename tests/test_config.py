@@ -63,7 +63,7 @@ def test_fast_preset_keeps_the_papers_networks_and_sizes_its_schedules_by_the_da
     cifar = resolved(DatasetTraits(None, 32, 3, 45000, ("train", "test")), "cifar10-split.zip")
     paper = parse_config(PipelineConfig, build_preset("nnm", DatasetTraits("cifar10", 32, 3, 50000), True)
                          | {"data": {"dataset": "cifar10"}})
-    assert (cifar.pretext.epochs, cifar.cluster.epochs, cifar.selflabel.epochs) == (100, 20, 20)
+    assert (cifar.pretext.epochs, cifar.cluster.epochs, cifar.selflabel.epochs) == (80, 20, 20)
     # The papers' network, augmentations, loss and heads; only the schedules and step sizes change.
     assert cifar.pretext.backbone == paper.pretext.backbone and cifar.pretext.augment == paper.pretext.augment
     assert cifar.cluster.augment == paper.cluster.augment and cifar.selflabel.augment == paper.selflabel.augment
