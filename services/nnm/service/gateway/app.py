@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from .routes_backbones import router as backbones_router
 from .routes_datasets import router as datasets_router
 from .routes_health import router as health_router
 from .routes_jobs import router as jobs_router
+from .routes_models import assign_router
 from .routes_models import router as models_router
 
 log = logging.getLogger("nnm.gateway")
@@ -118,6 +120,9 @@ def create_app(
         sweeper = RetentionSweeper(ctx) if ctx.settings.artifact_retention_days > 0 else None
         if sweeper:
             sweeper.start()
+        # The modules and objects of startup live as long as the process: keep them out of the garbage
+        # collector's full passes, which otherwise stall every request in flight (measured: p99 latency).
+        gc.freeze()
         try:
             yield
         finally:
@@ -143,5 +148,6 @@ def create_app(
     app.include_router(health_router)
     for router in (datasets_router, jobs_router, models_router, backbones_router):
         app.include_router(router, dependencies=[Depends(authenticate)])
+    app.include_router(assign_router)  # authenticates inline: see routes_models
 
     return app

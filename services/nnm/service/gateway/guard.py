@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from ..retry import is_transient
-from .deps import principal_for_key
+from .deps import bearer_key, principal_for_key
 
 log = logging.getLogger("nnm.gateway")
 
@@ -40,16 +40,6 @@ def _is_upload(method: str, path: str, content_type: str) -> bool:
     return content_type.startswith("multipart/form-data") and any(
         method == m and pattern.match(path) for m, pattern in UPLOAD_ROUTES
     )
-
-
-def bearer_key(headers: dict[bytes, bytes]) -> str | None:
-    """The API key of a request: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
-    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    key = headers.get(b"x-api-key", b"").decode("latin-1").strip()
-    return key or None
 
 
 class RequestGuard:
