@@ -100,7 +100,7 @@ def test_a_full_assign_queue_answers_503_with_retry_after(embedded, finished_pip
     model_id = finished_pipeline[0]["model_id"]
     # A second gateway on the same data: room for one queued image, and a long collection window, so
     # the first request holds the queue while the others arrive.
-    proc, client = serve(data_dir, NNM_ASSIGN_QUEUE_IMAGES="1", NNM_ASSIGN_BATCH_WINDOW_MS="1500")
+    proc, client = serve(data_dir, NNM_ASSIGN_QUEUE_IMAGES="1", NNM_ASSIGN_BATCH_WINDOW_MS="900")
     try:
         client.wait_ready(90)
         start = threading.Barrier(4)
