@@ -62,7 +62,8 @@ def test_k_below_two(tmp_path, k):
 
 def test_unknown_preset_and_key(tmp_path):
     assert_one_clear_line(
-        run_cli("pipeline", "--dataset", "digits", "--preset", "fast", "--out", str(tmp_path)), "unknown preset 'fast'"
+        run_cli("pipeline", "--dataset", "digits", "--preset", "turbo", "--out", str(tmp_path)),
+        "unknown preset 'turbo'",
     )
     assert_one_clear_line(
         run_cli("config", "--dataset", "digits", "--set", "pretext.epoch=3"), "unknown key 'pretext.epoch'"
