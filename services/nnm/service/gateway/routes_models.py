@@ -91,10 +91,12 @@ async def assign(model_id: str, request: Request) -> JSONResponse:
     user = (await caller(request)).owner
     gw: Gateway = request.app.state.gateway
     cache: ModelCache = gw.models  # type: ignore[assignment]
-    row = cache.fresh_row(model_id, user) or await run_in_threadpool(gw.ctx.jobs.get_model, model_id, user)
-    if row is None:
-        raise ApiProblem(404, f"no model '{model_id}'")
-    cache.remember_row(row)
+    row = cache.fresh_row(model_id, user)
+    if row is None:  # only a record read from the database now starts a new trust period
+        row = await run_in_threadpool(gw.ctx.jobs.get_model, model_id, user)
+        if row is None:
+            raise ApiProblem(404, f"no model '{model_id}'")
+        cache.remember_row(row)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise ApiProblem(
