@@ -39,18 +39,22 @@ class Gateway:
         mode = self.ctx.settings.auth
         if mode != "auto":
             return mode == "required"
-        if self._keys_exist:
-            return True
-        if time.monotonic() - self._keys_checked > 5.0:  # a new key takes effect within seconds
-            self._keys_exist = self.keys.any_ever()
-            self._keys_checked = time.monotonic()
+        if not self._must_ask_for_keys():
+            return self._keys_exist
+        self._keys_exist = self.keys.any_ever()
+        self._keys_checked = time.monotonic()
         return self._keys_exist
+
+    def _must_ask_for_keys(self) -> bool:
+        """Auto mode, no key seen yet, and the last look is over 5 s old (a new key takes effect within seconds)."""
+        return (self.ctx.settings.auth == "auto" and not self._keys_exist
+                and time.monotonic() - self._keys_checked > 5.0)
 
     async def keys_required_async(self) -> bool:
         """`keys_required` from the event loop: a worker thread only when the database must be asked."""
-        if self.ctx.settings.auth != "auto" or self._keys_exist or time.monotonic() - self._keys_checked <= 5.0:
-            return self.keys_required()
-        return await run_in_threadpool(self.keys_required)
+        if self._must_ask_for_keys():
+            return await run_in_threadpool(self.keys_required)
+        return self.keys_required()
 
 
 async def gateway(request: Request) -> Gateway:
