@@ -67,15 +67,29 @@ class ProgressSink:
 
 
 class TqdmSink(ProgressSink):
-    """Progress bars on stderr: epoch, loss, images/s and ETA per stage."""
+    """Progress bars on stderr: epoch, loss, images/s and ETA per stage.
 
-    def __init__(self, stream: Any = None, enabled: bool = True):
+    Where the stream is no terminal (a log file, `docker logs`), bars would write a carriage-return
+    line per refresh; there it prints one plain line per epoch instead.
+    """
+
+    def __init__(self, stream: Any = None, enabled: bool = True, lines: bool | None = None):
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        isatty = getattr(self.stream, "isatty", None)
+        self.lines = (not (isatty and isatty())) if lines is None else lines
         self._bar: Any = None
 
+    def epoch_finished(self, stage: str, epoch: int, stats: dict[str, float]) -> None:
+        if not (self.enabled and self.lines):
+            return
+        timing = ("epoch", "seconds", "images_per_s")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k not in timing and isinstance(v, float))
+        speed = f"{stats.get('seconds', 0.0):.1f} s, {stats.get('images_per_s', 0.0):.0f} images/s"
+        print(f"{stage} epoch {epoch}: {speed} {shown}", file=self.stream, flush=True)
+
     def stage_started(self, stage: str, epochs: int, steps: int) -> None:
-        if not self.enabled:
+        if not self.enabled or self.lines:
             return
         from tqdm import tqdm
 
