@@ -68,6 +68,8 @@ def test_fast_preset_keeps_the_papers_networks_and_sizes_its_schedules_by_the_da
     assert cifar.pretext.backbone == paper.pretext.backbone and cifar.pretext.augment == paper.pretext.augment
     assert cifar.cluster.augment == paper.cluster.augment and cifar.selflabel.augment == paper.selflabel.augment
     assert (cifar.cluster.method, cifar.cluster.heads, cifar.mine.topk) == ("nnm", 3, 20)
+    # Short schedules mine on the backbone (measured better than the head's 128-d output).
+    assert (cifar.mine.feature, paper.mine.feature) == ("backbone", "head")
     assert cifar.pretext.temperature == paper.pretext.temperature and cifar.selflabel.threshold == 0.99
     # STL-10: its 96 px network, the unlabelled images in the pretext, fewer epochs for 105,000 big images.
     stl = resolved(DatasetTraits("stl10", 96, 3, 5000, ("train", "test", "unlabeled")), "stl10")
