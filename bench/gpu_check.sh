@@ -63,19 +63,7 @@ fast() {
 smoke() {  # every stage for one epoch on 200 + 50 images per class: a bug costs a minute, not the whole call
   local out=/tmp/run-smoke t0=$SECONDS
   rm -rf $out
-  $PY - "$SPLIT" "$SMOKE" <<'PY'
-import sys, zipfile
-from collections import Counter
-seen = Counter()
-with zipfile.ZipFile(sys.argv[1]) as src, zipfile.ZipFile(sys.argv[2], "w") as dst:
-    for name in src.namelist():
-        parts = name.split("/")
-        if len(parts) == 3 and parts[2]:
-            key = (parts[0], parts[1])
-            if seen[key] < (200 if parts[0] == "train" else 50):
-                seen[key] += 1
-                dst.writestr(name, src.read(name))
-PY
+  $PY bench/subset_zip.py "$SPLIT" "$SMOKE" --per-folder 200 --per-test-folder 50 >>"$LOG"
   timeout ${SMOKE_LIMIT:-150} $NNM pipeline --dataset $SMOKE --preset fast --device $DEVICE --seed 0 \
     --out $out --set pretext.epochs=1 --set cluster.epochs=1 --set selflabel.epochs=1 >>"$LOG" 2>&1 \
     && summarise smoke $out $((SECONDS - t0)) \

@@ -21,18 +21,7 @@ PY=${PY:-python3}; [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ] && PY=.venv/bi
 WORK=${WORK:-/tmp/simclr-sweep}; mkdir -p $WORK
 $PY bench/split_cifar10.py "${SRC_ZIP:-../shared/data/cifar10-train-jpg.zip}" $WORK/split >/dev/null
 TRAIN=$WORK/train-$PER_CLASS.zip
-$PY - $WORK/split/cifar10-train45k.zip $TRAIN $PER_CLASS <<'PY'
-import sys, zipfile
-from collections import Counter
-src_path, dst_path, per_class = sys.argv[1], sys.argv[2], int(sys.argv[3])
-seen = Counter()
-with zipfile.ZipFile(src_path) as src, zipfile.ZipFile(dst_path, "w") as dst:
-    for name in src.namelist():
-        cls = name.split("/")[0]
-        if name.endswith(".jpg") and seen[cls] < per_class:
-            seen[cls] += 1
-            dst.writestr(name, src.read(name))
-PY
+$PY bench/subset_zip.py $WORK/split/cifar10-train45k.zip $TRAIN --per-folder $PER_CLASS >/dev/null
 nnm() { $PY -m nnm.cli.main "$@" --dataset $TRAIN --preset cpu --device $DEVICE --quiet; }
 EXTRA=${EXTRA:-}; extra=(); for s in $EXTRA; do extra+=(--set "$s"); done
 for t in $TEMPS; do
