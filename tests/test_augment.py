@@ -132,9 +132,9 @@ def test_jitter_not_applied_leaves_colours_unchanged():
 # --- strong augmentation ranges ------------------------------------------------------------------
 
 
-def _strong(op: str, images: torch.Tensor, magnitude: float = 1.0, seed: int = 0) -> torch.Tensor:
+def _strong(op: str, images: torch.Tensor, magnitude: float = 1.0, seed: int = 0, **ranges: float) -> torch.Tensor:
     """One op per image, no flip or Cutout, output in [0, 1] (mean 0, std 1)."""
-    cfg = StrongAugmentConfig(ops=[op], n_ops=1, flip=False, cutout=0.0, magnitude=magnitude)
+    cfg = StrongAugmentConfig(ops=[op], n_ops=1, flip=False, cutout=0.0, magnitude=magnitude, **ranges)
     c = images.shape[1]
     return StrongAugment(cfg, [0.0] * c, [1.0] * c)(images, torch.Generator().manual_seed(seed))
 
@@ -201,21 +201,24 @@ def _row_shift(out: torch.Tensor, column: int) -> torch.Tensor:
     return (out[:, 0] * cols).sum(dim=-1) / mass - column
 
 
-def test_translate_stays_within_a_tenth_of_the_side():
-    out = _strong("translate_x", _vertical_line(512))
+@pytest.mark.parametrize("ranges,top", [({}, 0.1), ({"translate": 0.3, "magnitude": 0.6}, 0.18)])
+def test_translate_stays_within_a_tenth_of_the_side(ranges, top):
+    """SCAN's +-0.1 of the side by default; a configured maximum, scaled by magnitude, otherwise."""
+    out = _strong("translate_x", _vertical_line(512), **ranges)
     shift = _row_shift(out, 16)
     assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-4)  # a pure shift
     frac = shift[:, 0].abs() / 32
-    assert frac.max() <= 0.1 + 1e-4 and frac.max() > 0.09
+    assert frac.max() <= top + 1e-4 and frac.max() > 0.9 * top
     assert (shift[:, 0] > 0).any() and (shift[:, 0] < 0).any()
 
 
-def test_shear_stays_within_scans_range_about_the_top_left_corner():
-    out = _strong("shear_x", _vertical_line(512))
+@pytest.mark.parametrize("ranges,top", [({}, 0.1), ({"shear": 0.3, "magnitude": 0.6}, 0.18)])
+def test_shear_stays_within_scans_range_about_the_top_left_corner(ranges, top):
+    out = _strong("shear_x", _vertical_line(512), **ranges)
     # PIL's shear reads input x = x_out + v * y_out from the top-left corner, so row y moves by v * (y + 0.5).
     v = -_row_shift(out, 16) / (torch.arange(32, dtype=out.dtype) + 0.5)
     assert torch.allclose(v, v[:, :1].expand_as(v), atol=1e-4)
-    assert v.abs().max() <= 0.1 + 1e-4 and v.abs().max() > 0.09
+    assert v.abs().max() <= top + 1e-4 and v.abs().max() > 0.9 * top
     assert (v[:, 0] > 0).any() and (v[:, 0] < 0).any()
 
 
@@ -249,14 +252,15 @@ def test_strong_parameters_are_independent_per_image():
 # --- the masked (GPU) strong augmentation -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels,magnitude", [(3, 1.0), (3, 0.6), (1, 1.0)])
-def test_masked_strong_augment_gives_every_image_what_the_subset_path_gives(channels, magnitude):
+@pytest.mark.parametrize("channels,magnitude,wide", [(3, 1.0, 0.1), (3, 0.6, 0.1), (1, 1.0, 0.1), (1, 0.6, 0.3)])
+def test_masked_strong_augment_gives_every_image_what_the_subset_path_gives(channels, magnitude, wide):
     """The GPU path (every op on the whole batch, chosen per image by mask) draws the same random numbers
     and gives every image the same pixels as the CPU path (each op on the images that drew it): so each
     image keeps its own op and parameters, and the distribution is the one the per-image tests check."""
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (256, channels, 20, 24), generator=g, dtype=torch.uint8)  # not square
-    cfg = StrongAugmentConfig(magnitude=magnitude)  # all 14 ops, 4 slots, flip and cutout
+    # all 14 ops, 4 slots, flip and cutout; the digit presets' wider shear and shift in the last case
+    cfg = StrongAugmentConfig(magnitude=magnitude, shear=wide, translate=wide)
     mean, std = [0.5] * channels, [0.25] * channels
     subset = StrongAugment(cfg, mean, std, masked=False)(x, torch.Generator().manual_seed(11))
     masked = StrongAugment(cfg, mean, std, masked=True)(x, torch.Generator().manual_seed(11))

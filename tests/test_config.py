@@ -81,3 +81,16 @@ def test_fast_preset_keeps_the_papers_networks_and_sizes_its_schedules_by_the_da
     assert (small.pretext.epochs, small.cluster.epochs) == (300, 100)
     assert (huge.pretext.epochs, huge.cluster.epochs, huge.selflabel.epochs) == (20, 10, 10)
 
+
+
+def test_cpu_preset_widens_shear_and_shift_for_digits_only():
+    """A measured deviation (docs/fidelity.md): digits get +-0.18 at magnitude 0.6, colour images SCAN's +-0.1."""
+    def strong(traits: DatasetTraits) -> tuple[float, float, float]:
+        cfg = parse_config(PipelineConfig, build_preset("cpu", traits, cuda=False) | {"data": {"dataset": "x"}})
+        a = cfg.cluster.augment
+        assert cfg.selflabel.augment == a
+        return a.magnitude, a.shear, a.translate
+
+    assert strong(DatasetTraits("mnist5k", 28, 1, 5000)) == (0.6, 0.3, 0.3)
+    assert strong(DatasetTraits("digits", 8, 1, 1797)) == (0.6, 0.3, 0.3)
+    assert strong(DatasetTraits("cifar10", 32, 3, 45000)) == (1.0, 0.1, 0.1)

@@ -266,8 +266,9 @@ class StrongAugment:
 
     ===========================  ==========================================================
     rotate                       angle in [-30, 30] degrees
-    shear_x, shear_y             shear factor in [-0.1, 0.1] (about the top-left corner, as PIL)
-    translate_x, translate_y     shift in [-0.1, 0.1] of the image side
+    shear_x, shear_y             shear factor in [-0.1, 0.1] (about the top-left corner, as PIL;
+                                 the maximum is `cfg.shear`)
+    translate_x, translate_y     shift in [-0.1, 0.1] of the image side (maximum `cfg.translate`)
     color, contrast,             enhancement factor in [0.05, 0.95] (they only ever weaken the
     brightness, sharpness        image, never enhance it)
     solarize                     threshold in [0, 256] on 0..255 pixels (inverts pixels >= it)
@@ -282,8 +283,8 @@ class StrongAugment:
     bits. Magnitude 0 makes every parameterised op an identity; the parameterless ops are unaffected.
     """
 
-    #: Largest strength of each geometric op: degrees, shear factor, fraction of the image side.
-    ROTATE_DEG, SHEAR, TRANSLATE = 30.0, 0.1, 0.1
+    #: Largest rotation in degrees at magnitude 1 (shear and shift maxima are `cfg.shear`, `cfg.translate`).
+    ROTATE_DEG = 30.0
     #: Range of the enhancement factors (Color, Contrast, Brightness, Sharpness) at magnitude 1.
     ENHANCE = (0.05, 0.95)
     #: Range of posterize's bit count before truncation to an int, at magnitude 1.
@@ -340,14 +341,14 @@ class StrongAugment:
                 # PIL's AFFINE data (1, v, 0, 0, 1, 0) reads input x = x_out + v * y_out with the origin at
                 # the top-left corner; in grid_sample's centred [-1, 1] coordinates that is a shear plus an
                 # offset of v (scaled by the aspect ratio).
-                s = signed * self.SHEAR
+                s = signed * self.cfg.shear
                 row, other = (0, h / w) if name == "shear_x" else (1, w / h)
                 theta[sel, row, 1 - row] = (s * other)[sel]
                 theta[sel, row, 2] = (s * other)[sel]
             elif name == "translate_x":
-                theta[sel, 0, 2] = (signed * self.TRANSLATE * 2)[sel]
+                theta[sel, 0, 2] = (signed * self.cfg.translate * 2)[sel]
             elif name == "translate_y":
-                theta[sel, 1, 2] = (signed * self.TRANSLATE * 2)[sel]
+                theta[sel, 1, 2] = (signed * self.cfg.translate * 2)[sel]
             else:
                 continue
             geometric |= sel
@@ -375,7 +376,7 @@ class StrongAugment:
         signed = sign * mag * u
         a = torch.deg2rad(signed * self.ROTATE_DEG)
         rot, zero, one = drew("rotate"), torch.zeros_like(u), torch.ones_like(u)
-        shear, shift = signed * self.SHEAR, signed * self.TRANSLATE * 2
+        shear, shift = signed * self.cfg.shear, signed * self.cfg.translate * 2
         sx, sy = drew("shear_x"), drew("shear_y")
         shear_x, shear_y = torch.where(sx, shear * h / w, zero), torch.where(sy, shear * w / h, zero)
         row0 = [torch.where(rot, torch.cos(a), one), torch.where(rot, -torch.sin(a), shear_x),

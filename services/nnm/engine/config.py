@@ -87,10 +87,14 @@ class StrongAugmentConfig(Strict):
     n_ops: int = Field(4, ge=0, le=8)
     ops: list[str] = Field(default_factory=lambda: list(STRONG_OPS))
     #: Scales every operation's distance from its identity: 1.0 gives SCAN's ranges exactly (rotate
-    #: +-30 degrees, shear and translate +-0.1, colour/contrast/brightness/sharpness factors in
-    #: [0.05, 0.95], solarize threshold in [0, 256], posterize to 4..7 bits), 0.0 turns every
-    #: parameterised op into an identity. See `StrongAugment` for the formulas.
+    #: +-30 degrees, shear and translate +-0.1 with the defaults below, colour/contrast/brightness/
+    #: sharpness factors in [0.05, 0.95], solarize threshold in [0, 256], posterize to 4..7 bits),
+    #: 0.0 turns every parameterised op into an identity. See `StrongAugment` for the formulas.
     magnitude: float = Field(1.0, ge=0, le=1)
+    #: Largest shear factor and largest shift (fraction of the image side) at magnitude 1. SCAN's 0.1
+    #: by default; the digit presets widen them (measured in docs/fidelity.md).
+    shear: float = Field(0.1, ge=0, le=0.5)
+    translate: float = Field(0.1, ge=0, le=0.5)
     #: Largest Cutout hole side as a fraction of the image side (0 disables Cutout).
     cutout: float = Field(0.5, ge=0, le=1)
 
