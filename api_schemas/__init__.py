@@ -186,6 +186,56 @@ class Assignment(_Model):
     class_name: str | None = None
 
 
+class GalleryImage(_Model):
+    """One clustered image of a job's gallery."""
+
+    #: Position in the clustered data set (stable: use it to ask for the image's neighbours).
+    index: int
+    name: str
+    cluster: int
+    confidence: float
+    #: The image's class where the data set has labels (never used for training).
+    label: str | None = None
+    #: A PNG data URI of the thumbnail (absent when `thumbnails=false` was asked).
+    thumbnail: str | None = None
+
+
+class ClusterOut(_Model):
+    cluster: int
+    size: int
+    mean_confidence: float
+    #: The class most of its images have, and their share (labelled data sets only).
+    majority_class: str | None = None
+    purity: float | None = None
+    #: The images nearest the mean feature of its most confident members.
+    prototypes: list[GalleryImage] = Field(default_factory=list)
+
+
+class ClusterList(_Model):
+    job_id: str
+    num_images: int
+    class_names: list[str] | None = None
+    #: How many mined neighbours each image has in the gallery (0: none were mined).
+    neighbors: int
+    clusters: list[ClusterOut]
+
+
+class GalleryPage(_Model):
+    """Members of one cluster, most confident first."""
+
+    cluster: int
+    total: int
+    offset: int
+    items: list[GalleryImage]
+    next_offset: int | None = None
+
+
+class GalleryImageDetail(_Model):
+    image: GalleryImage
+    #: Its mined nearest neighbours, nearest first.
+    neighbors: list[GalleryImage]
+
+
 class Health(_Model):
     status: Literal["ok", "ready", "not ready"]
     checks: dict[str, str] = Field(default_factory=dict)

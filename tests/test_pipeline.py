@@ -73,6 +73,22 @@ def test_pipeline_outputs_are_complete(trained):
     for stage in ("pretext", "mine", "cluster", "selflabel"):
         assert (out / stage / "done.json").exists()
         assert not (out / stage / "checkpoint.pt").exists()
+    # The gallery agrees with the assignments, the prototypes and the mined neighbours.
+    gallery = json.loads((out / "gallery" / "clusters.json").read_text())
+    with open(out / "assignments.csv") as f:
+        rows = list(csv.DictReader(f))
+    index = np.load(out / "gallery" / "index.npz")
+    assert gallery["num_images"] == len(rows) == 1797 and gallery["class_names"] == cm["class_names"]
+    assert index["cluster"].tolist() == [int(r["cluster"]) for r in rows]
+    assert [str(n) for n in index["name"]] == [r["image"] for r in rows]
+    assert [c["size"] for c in gallery["clusters"]] == [p["size"] for p in protos]
+    names = [[str(index["name"][i]) for i in c["prototypes"]] for c in gallery["clusters"]]
+    assert names == [p["images"] for p in protos]
+    mined = np.load(out / "mine" / "neighbors.npy")
+    assert np.array_equal(index["neighbors"], mined[:, 1:11])  # column 0 of the mined ones is the image itself
+    thumbs = np.load(out / "gallery" / "thumbnails.npy")
+    side = gallery["thumbnail"]
+    assert thumbs.shape == (1797, side, side, 1) and thumbs.dtype == np.uint8 and side <= 48
 
 
 @pytest.mark.slow
@@ -152,6 +168,9 @@ def test_split_folder_reports_the_test_split_and_keeps_the_training_figures(tmp_
     assert len(rows) == 100 and all(row["image"].startswith("test/") for row in rows)
     with open(out / "train_assignments.csv") as f:
         assert sum(1 for _ in csv.DictReader(f)) == 300
+    # The gallery shows the clustered (training) images: the ones with mined neighbours.
+    gallery = json.loads((out / "gallery" / "clusters.json").read_text())
+    assert gallery["num_images"] == 300 and sum(c["size"] for c in gallery["clusters"]) == 300
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["pretext_split"] == "train+unlabeled"
     pretext = json.loads((out / "pretext" / "done.json").read_text())

@@ -228,6 +228,10 @@ class EvaluateConfig(Strict):
     prototype_members: int = Field(10, ge=1)
     #: Images shown per cluster in prototypes.png (the members closest to that mean).
     prototype_images: int = Field(5, ge=1, le=20)
+    #: Write `gallery/` (thumbnails, per-image cluster and neighbours) for browsing the clusters.
+    gallery: bool = True
+    #: Largest thumbnail side in the gallery, in pixels.
+    gallery_thumbnail: int = Field(48, ge=8, le=128)
 
 
 class PipelineConfig(Strict):

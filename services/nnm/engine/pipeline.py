@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import atomic_write_json
 from .config import PipelineConfig, deep_merge, parse_config
 from .data import ImageSet, dataset_splits, held_out_split, is_builtin, load_dataset, parse_dataset_spec
@@ -125,15 +127,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     held_out = held_out_split(d.dataset, d.split, data) if d.eval_split == "auto" else d.eval_split
     # The clustered images' own figures (the model's cluster -> class mapping comes from them); with a
     # held-out split they are kept beside the headline as `train` and files prefixed `train_`.
+    # The gallery shows the clustered images, the ones with mined neighbours.
     train_metrics = run_evaluate(trained, data, out, cfg.evaluate, rt, None if held_out else sink,
-                                 prefix="train_" if held_out else "")
+                                 prefix="train_" if held_out else "", gallery=cfg.evaluate.gallery,
+                                 gallery_neighbors=np.load(out / "mine" / "neighbors.npy"))
     if data.has_labels:
         trained.info.cluster_to_class = train_metrics["cluster_to_class"]
     else:
         trained.info.class_names = None
     if held_out:
         test_data = load_dataset(d.dataset, held_out, d.image_size or data.image_size, d.root)
-        metrics = run_evaluate(trained, test_data, out, cfg.evaluate, rt, sink)
+        metrics = run_evaluate(trained, test_data, out, cfg.evaluate, rt, sink, gallery=False)
         metrics["evaluated_on"] = held_out
         metrics["train"] = {key: train_metrics[key] for key in TRAIN_KEYS if key in train_metrics}
     else:

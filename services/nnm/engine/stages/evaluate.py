@@ -12,6 +12,7 @@ import numpy as np
 from ..checkpoint import atomic_write_bytes, atomic_write_json
 from ..config import EvaluateConfig, RuntimeConfig
 from ..data import ImageSet
+from ..gallery import write_gallery
 from ..metrics import cluster_summary, clustering_metrics
 from ..model_io import TrainedModel
 from ..progress import ProgressSink
@@ -46,12 +47,16 @@ def run_evaluate(
     runtime_cfg: RuntimeConfig | None = None,
     sink: ProgressSink | None = None,
     prefix: str = "",
+    gallery_neighbors: np.ndarray | None = None,
+    gallery: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on `data` and write into `out_dir`:
 
     `metrics.json` (acc, nmi, ari, top5 and per-class accuracy when labels exist; cluster sizes and
     confidences always), `confusion_matrix.json` / `.png` (labelled data), `prototypes.png` /
-    `.json` and `assignments.csv`, each name preceded by `prefix`.
+    `.json` and `assignments.csv`, each name preceded by `prefix`; and, when `gallery` (default:
+    `cfg.gallery` for an unprefixed evaluation), the cluster gallery in `gallery/` with the mined
+    `gallery_neighbors` of each image when given.
     """
     cfg = cfg or EvaluateConfig()
     sink = sink or ProgressSink()
@@ -123,6 +128,9 @@ def run_evaluate(
             row.append(data.class_names[labels[i]])
         writer.writerow(row)
     atomic_write_bytes(out / f"{prefix}assignments.csv", buf.getvalue().encode())
+    if gallery if gallery is not None else (cfg.gallery and not prefix):
+        write_gallery(out / "gallery", images, data.names, probs, rows, labels, names, gallery_neighbors,
+                      cfg.gallery_thumbnail)
     atomic_write_json(out / f"{prefix}metrics.json", metrics)
     sink.stage_finished("evaluate", metrics)
     return metrics

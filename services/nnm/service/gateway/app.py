@@ -19,9 +19,11 @@ from ..worker.reconciler import Reconciler
 from . import problems
 from .assign_batcher import AssignBatcher
 from .deps import Gateway, authenticate
+from .gallery_cache import GalleryCache
 from .guard import RequestGuard
 from .model_cache import ModelCache
 from .routes_backbones import router as backbones_router
+from .routes_clusters import router as clusters_router
 from .routes_datasets import router as datasets_router
 from .routes_health import router as health_router
 from .routes_jobs import router as jobs_router
@@ -138,7 +140,8 @@ def create_app(
     s = ctx.settings
     assigner = AssignBatcher(window_s=s.assign_batch_window_ms / 1000, max_batch=s.assign_max_batch,
                              max_queued_images=s.assign_queue_images)
-    app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx), assigner=assigner)
+    app.state.gateway = Gateway(ctx=ctx, queue=queue, models=ModelCache(ctx), assigner=assigner,
+                                galleries=GalleryCache(ctx))
     problems.install(app)
     # Authenticate and cap the body before any route (or FastAPI's JSON parsing) reads it. Added before
     # the metrics middleware, so that one wraps it and counts the requests the guard refuses too.
@@ -146,7 +149,7 @@ def create_app(
                        max_json_bytes=ctx.settings.max_json_bytes)
     _metrics(app, ctx)
     app.include_router(health_router)
-    for router in (datasets_router, jobs_router, models_router, backbones_router):
+    for router in (datasets_router, jobs_router, clusters_router, models_router, backbones_router):
         app.include_router(router, dependencies=[Depends(authenticate)])
     app.include_router(assign_router)  # authenticates inline: see routes_models
 

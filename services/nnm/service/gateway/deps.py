@@ -24,6 +24,7 @@ class Gateway:
     queue: JobQueue
     models: Any  # ModelCache
     assigner: Any = None  # AssignBatcher
+    galleries: Any = None  # GalleryCache
     keys: KeyStore = field(init=False)
     uploads: UploadLimiter = field(init=False)
     _keys_checked: float = field(default=-1e9, init=False)

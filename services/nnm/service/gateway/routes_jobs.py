@@ -28,7 +28,8 @@ def _out(gw: Gateway, row) -> JobOut:
     return job_out(row, gw.ctx.jobs.artifacts(row.id))
 
 
-def _get(gw: Gateway, job_id: str, user: str):
+def owned_job(gw: Gateway, job_id: str, user: str):
+    """The job `job_id` if `user` owns it; 404 otherwise (someone else's job does not exist for them)."""
     row = gw.ctx.jobs.get_job(job_id, user)
     if row is None:
         raise ApiProblem(404, f"no job '{job_id}'")
@@ -139,7 +140,7 @@ def list_jobs(
 def get_job(
     job_id: str, response: Response, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
 ) -> JobOut:
-    row = _get(gw, job_id, user)
+    row = owned_job(gw, job_id, user)
     if JobStatus(row.status) not in TERMINAL_STATUSES:
         response.headers["Retry-After"] = "2"
     return _out(gw, row)
@@ -153,7 +154,7 @@ def get_job(
     responses={409: {"description": "The job already ended"}},
 )
 def cancel_job(job_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]) -> JobOut:
-    row = _get(gw, job_id, user)
+    row = owned_job(gw, job_id, user)
     if JobStatus(row.status) in TERMINAL_STATUSES:
         raise ApiProblem(409, f"job '{job_id}' already ended ({row.status})", type_="urn:nnm:problem:job-ended")
     gw.ctx.jobs.request_cancel(job_id)
@@ -172,7 +173,7 @@ def cancel_job(job_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Anno
 def get_artifact(
     job_id: str, name: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
 ) -> Response:
-    _get(gw, job_id, user)
+    owned_job(gw, job_id, user)
     art = gw.ctx.jobs.artifact(job_id, name)
     if art is None:
         raise ApiProblem(404, f"job '{job_id}' has no artifact '{name}'")
@@ -203,5 +204,6 @@ def delete_job(job_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Anno
     check_deleted(outcome, "job", job_id, users)
     if row is not None and row.model_id:
         gw.models.evict(row.model_id)
+    gw.galleries.evict(job_id)
     remove_files(gw.ctx, f"jobs/{job_id}/")
     return Response(status_code=204)

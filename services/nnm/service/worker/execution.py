@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.exc import DBAPIError
 
 from api_schemas import JobStatus
@@ -282,7 +283,9 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
             run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink)
         sink.stage_started("evaluate", 1, 1)
         trained = export_model(out / job.type, data, out / "model")
-        metrics = run_evaluate(trained, data, out, cfg.evaluate, rt)
+        mined = out / "mine" / "neighbors.npy"
+        metrics = run_evaluate(trained, data, out, cfg.evaluate, rt,
+                               gallery_neighbors=np.load(mined) if mined.exists() else None)
         sink.stage_finished("evaluate", metrics)
     else:  # evaluate
         model_row = ctx.jobs.get_model(inputs["model_id"])
@@ -294,6 +297,8 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
 
     # Final files: metrics, pictures, assignments (top level of `out`) and the model.
     sink.upload_files([p for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")])
+    if (out / "gallery" / "clusters.json").exists():
+        sink.upload(out / "gallery", "gallery")
     if (out / "model").is_dir():
         sink.upload(out / "model", "model")
     model_id = None
