@@ -29,6 +29,7 @@ from .routes_health import router as health_router
 from .routes_jobs import router as jobs_router
 from .routes_models import assign_router
 from .routes_models import router as models_router
+from .routes_ui import router as ui_router
 
 log = logging.getLogger("nnm.gateway")
 
@@ -149,6 +150,7 @@ def create_app(
                        max_json_bytes=ctx.settings.max_json_bytes)
     _metrics(app, ctx)
     app.include_router(health_router)
+    app.include_router(ui_router)
     for router in (datasets_router, jobs_router, clusters_router, models_router, backbones_router):
         app.include_router(router, dependencies=[Depends(authenticate)])
     app.include_router(assign_router)  # authenticates inline: see routes_models
