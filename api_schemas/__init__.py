@@ -76,6 +76,17 @@ class DatasetOut(_Model):
     created_at: datetime
 
 
+class PreviewImage(_Model):
+    name: str
+    #: A PNG data URI.
+    thumbnail: str
+
+
+class DatasetPreview(_Model):
+    dataset_id: str
+    images: list[PreviewImage]
+
+
 class DatasetList(_Model):
     items: list[DatasetOut]
     next_cursor: str | None = None

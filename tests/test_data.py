@@ -293,6 +293,19 @@ def test_inspection_matches_loading(tmp_path, small_digits):
     assert summary.class_names == data.class_names and summary.names == data.names
 
 
+def test_inspection_keeps_a_preview_of_one_image_per_class_first(tmp_path, small_digits):
+    root = write_image_folder(tmp_path / "set", small_digits, count=30, step=13)
+    data = load_dataset(str(root))
+    summary = inspect_image_folder(root, preview=4)
+    names = [name for name, _ in summary.preview]
+    assert len(names) == 4 and len({n.split("/")[0] for n in names}) == 4  # four different classes
+    for name, pixels in summary.preview:
+        assert np.array_equal(pixels, data.images[data.names.index(name)].numpy())  # 8 px: no resize
+    small = inspect_image_folder(root, preview=40, preview_side=4)
+    assert len(small.preview) == 30 and small.preview[0][1].shape == (1, 4, 4)
+    assert inspect_image_folder(root).preview == []
+
+
 def test_jpeg_is_decoded_at_reduced_scale(tmp_path):
     """A 4000x3000 JPEG shrunk to 32 px decodes at 1/8 scale (draft) and looks like the full decode."""
     rng = np.random.default_rng(2)

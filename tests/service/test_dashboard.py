@@ -125,7 +125,10 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     page.get_by_label("Name").fill("digits-960")
     page.get_by_role("button", name="Upload").click()
     page.get_by_text("Checked: 960 images").wait_for(timeout=120_000)
-    assert page.locator("tbody tr", has_text="digits-960").count() == 1
+    row = page.locator("tbody tr", has_text="digits-960")
+    expect(row).to_have_count(1)  # the list is reloaded after the upload
+    row.locator("td.protos img").nth(7).wait_for()  # its preview: the first image of 8 class folders
+    assert row.locator("td.protos img").count() == 8
     assert _labelled(page) == []
     shot("02-datasets")
 
@@ -253,7 +256,14 @@ def test_cluster_api_pages_every_image_once_and_hides_other_users_jobs(stack):
     alice, bob = http(stack, stack["alice"]), http(stack, stack["bob"])
     r = alice.post("/v1/datasets", files={"file": ("d.zip", digits_zip(300), "application/zip")})
     assert r.status_code == 201, r.text
-    r = alice.post("/v1/jobs", json={"type": "pipeline", "dataset_id": r.json()["id"], "params": {"preset": "quick"}})
+    dataset_id = r.json()["id"]
+    preview = alice.get(f"/v1/datasets/{dataset_id}/preview").json()["images"]
+    assert [p["name"].split("/")[-2] for p in preview] == [str(c) for c in range(8)]  # one per class first
+    assert all(p["thumbnail"].startswith("data:image/png;base64,") for p in preview)
+    assert bob.get(f"/v1/datasets/{dataset_id}/preview").status_code == 404
+    builtin = alice.post("/v1/datasets", json={"builtin": "digits"}).json()
+    assert alice.get(f"/v1/datasets/{builtin['id']}/preview").json()["type"] == "urn:nnm:problem:no-preview"
+    r = alice.post("/v1/jobs", json={"type": "pipeline", "dataset_id": dataset_id, "params": {"preset": "quick"}})
     job_id = r.json()["id"]
     deadline = time.monotonic() + 600
     while (job := alice.get(f"/v1/jobs/{job_id}").json())["status"] not in {"succeeded", "failed", "cancelled"}:

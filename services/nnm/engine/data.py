@@ -312,6 +312,8 @@ class FolderSummary:
     names: list[str]
     #: Images per split for a folder with train/ and test/ (or unlabeled/) folders, else None.
     splits: dict[str, int] | None = None
+    #: A few (name, (C, S, S) uint8 pixels) samples, one per folder first, when asked for.
+    preview: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.count
@@ -807,11 +809,13 @@ def load_image_folder(
     return data
 
 
-def inspect_image_folder(path: Path, limits: LoadLimits | None = None) -> FolderSummary:
+def inspect_image_folder(path: Path, limits: LoadLimits | None = None, preview: int = 0,
+                         preview_side: int = 48) -> FolderSummary:
     """Check a folder or .zip as `load_image_folder` would load it, without keeping any pixels.
 
     Every image is decoded (so corrupt ones are found now, not in a job) one at a time per decode slot;
-    memory stays at a few images whatever the number of images.
+    memory stays at a few images whatever the number of images. With `preview`, that many images (the
+    first of each folder first) are decoded again at `preview_side` pixels and returned.
     """
     limits = limits or LoadLimits()
     with _open_folder(path, limits) as archive:
@@ -823,8 +827,21 @@ def inspect_image_folder(path: Path, limits: LoadLimits | None = None) -> Folder
         for _ in ordered_map(lambda i: _decode_entry(entries[i], limits, budget, side, False, colour), len(entries)):
             pass
         gray = not colour.is_set()
+        samples = []
+        if preview:
+            firsts: dict[PurePosixPath, int] = {}
+            for i, e in enumerate(entries):
+                firsts.setdefault(e.relpath.parent, i)
+            first = set(firsts.values())
+            chosen = (sorted(first) + [i for i in range(min(len(entries), preview + len(first))) if i not in first])
+            chosen = chosen[:preview]
+            small = min(side, preview_side)
+            again = _Budget(limits.max_total_bytes, _budget_words(archive))
+            samples = [(str(entries[i].relpath), _decode_entry(entries[i], limits, again, small, True, colour)[1])
+                       for i in sorted(chosen)]
     splits = None if layout is None else {name: len(idx) for name, idx in sorted(layout.members.items())}
-    return FolderSummary(len(entries), side, 1 if gray else 3, classes, [str(e.relpath) for e in entries], splits)
+    return FolderSummary(len(entries), side, 1 if gray else 3, classes, [str(e.relpath) for e in entries], splits,
+                         samples)
 
 
 def image_cost(source: ImageSource, name: str, size: int, max_pixels: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -11,14 +12,15 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from api_schemas import BuiltinDatasetCreate, DatasetList, DatasetOut
-from nnm.engine.data import BUILTIN_INFO, LoadLimits, inspect_image_folder
+from api_schemas import BuiltinDatasetCreate, DatasetList, DatasetOut, DatasetPreview
+from nnm.engine.data import BUILTIN_INFO, FolderSummary, LoadLimits, inspect_image_folder
 from nnm.engine.errors import DatasetError
 
 from ..store.db import new_id
 from ..store.retention import remove_files
 from .convert import dataset_out
 from .deps import Gateway, gateway, owner, paged
+from .gallery_cache import png_data_uri
 from .problems import ApiProblem, check_deleted
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -45,6 +47,15 @@ UPLOAD_DOC = {
         },
     }
 }
+
+
+#: Sample images kept from an upload for the dashboard's list (the first of each class folder first).
+PREVIEW_IMAGES = 8
+
+
+def _preview_json(data: FolderSummary) -> bytes:
+    images = [{"name": name, "thumbnail": png_data_uri(pixels.transpose(1, 2, 0))} for name, pixels in data.preview]
+    return json.dumps({"images": images}).encode()
 
 
 def _builtin(body: bytes, user: str, gw: Gateway) -> DatasetOut:
@@ -118,7 +129,7 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
         try:
             # Every image is decoded to check it, one at a time per decode slot, and no pixels are kept:
             # the gateway's memory does not grow with the archive (the worker loads it at the job's size).
-            data = await run_in_threadpool(inspect_image_folder, path, limits)
+            data = await run_in_threadpool(inspect_image_folder, path, limits, PREVIEW_IMAGES)
         except DatasetError as exc:
             raise ApiProblem(
                 422, str(exc).replace("upload.zip", file.filename or "upload"), type_="urn:nnm:problem:invalid-dataset"
@@ -126,6 +137,7 @@ async def _upload(request: Request, user: str, gw: Gateway) -> DatasetOut:
         dataset_id = new_id("ds")
         key = f"datasets/{dataset_id}/data.zip"
         await run_in_threadpool(gw.ctx.store.put_file, key, path)
+        await run_in_threadpool(gw.ctx.store.put_bytes, f"datasets/{dataset_id}/preview.json", _preview_json(data))
     try:
         # The event loop never waits on the database itself (a stalled Postgres would freeze every request).
         row = await run_in_threadpool(
@@ -224,6 +236,21 @@ def get_dataset(
     if row is None:
         raise ApiProblem(404, f"no dataset '{dataset_id}'")
     return dataset_out(row)
+
+
+@router.get("/{dataset_id}/preview", response_model=DatasetPreview,
+            summary="A few of an uploaded dataset's images, as PNG data URIs",
+            responses={404: {"description": "No such dataset, or a built-in (no preview is kept)"}})
+def dataset_preview(
+    dataset_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
+) -> DatasetPreview:
+    row = gw.ctx.jobs.get_dataset(dataset_id, user)
+    if row is None:
+        raise ApiProblem(404, f"no dataset '{dataset_id}'")
+    key = f"datasets/{dataset_id}/preview.json"
+    if row.kind != "upload" or row.deleted_at is not None or not gw.ctx.store.exists(key):
+        raise ApiProblem(404, f"dataset '{dataset_id}' has no preview", type_="urn:nnm:problem:no-preview")
+    return DatasetPreview(dataset_id=dataset_id, **json.loads(gw.ctx.store.get_bytes(key)))
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response, summary="Delete a dataset's images",

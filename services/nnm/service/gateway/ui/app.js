@@ -177,18 +177,24 @@ async function datasetsPage() {
 
   async function load() {
     const data = await api("/v1/datasets?limit=200");
-    list.replaceChildren(...data.items.map((d) => h("tr", {},
-      h("td", {}, h("strong", { text: d.name })), h("td", { text: d.kind === "builtin" ? `built-in ${d.builtin}${d.split ? ":" + d.split : ""}` : "upload" }),
+    const previews = [];
+    list.replaceChildren(...data.items.map((d) => h("tr", { "data-dataset": d.id },
+      h("td", {}, h("strong", { text: d.name })),
+      (() => { const cell = h("td", { class: "protos" }); if (d.kind === "upload") previews.push([d.id, cell]); return cell; })(), h("td", { text: d.kind === "builtin" ? `built-in ${d.builtin}${d.split ? ":" + d.split : ""}` : "upload" }),
       h("td", { text: d.image_count ?? "–" }), h("td", { text: d.image_size ? `${d.image_size} px × ${d.channels}` : "–" }),
       h("td", { text: d.classes ? `${d.classes.length}` : (d.labelled ? "yes" : "none") }), h("td", { text: bytes(d.size_bytes) }),
       h("td", {}, h("a", { href: `#/jobs?dataset=${encodeURIComponent(d.id)}`, text: "train on it" })))));
-    if (!data.items.length) list.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "muted", text: "No data sets yet." })));
+    if (!data.items.length) list.replaceChildren(h("tr", {}, h("td", { colspan: 8, class: "muted", text: "No data sets yet." })));
+    await Promise.all(previews.map(async ([id, cell]) => {
+      const p = await api(`/v1/datasets/${encodeURIComponent(id)}/preview`).catch(() => null);
+      if (p) cell.replaceChildren(...p.images.map((img) => h("img", { src: img.thumbnail, alt: img.name, title: img.name })));
+    }));
   }
 
   show("Datasets",
     h("section", { class: "card" }, h("h2", { text: "Upload a zip" }), uploadForm, bar),
     h("section", { class: "card" }, h("h2", { text: "Or add a built-in" }), builtinForm),
-    h("table", { "aria-label": "Datasets" }, h("thead", {}, h("tr", {}, ["Name", "Kind", "Images", "Size", "Classes", "Bytes", ""].map((t) => h("th", { text: t })))), list));
+    h("table", { "aria-label": "Datasets" }, h("thead", {}, h("tr", {}, ["Name", "Preview", "Kind", "Images", "Size", "Classes", "Bytes", ""].map((t) => h("th", { text: t })))), list));
   await load();
 }
 
