@@ -228,14 +228,19 @@ def list_datasets(
     return DatasetList(items=[dataset_out(r) for r in rows], next_cursor=nxt)
 
 
+def owned_dataset(gw: Gateway, dataset_id: str, user: str):
+    """The dataset if `user` owns it (and it is not deleted); 404 otherwise."""
+    row = gw.ctx.jobs.get_dataset(dataset_id, user)
+    if row is None:
+        raise ApiProblem(404, f"no dataset '{dataset_id}'")
+    return row
+
+
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
 def get_dataset(
     dataset_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
 ) -> DatasetOut:
-    row = gw.ctx.jobs.get_dataset(dataset_id, user)
-    if row is None:
-        raise ApiProblem(404, f"no dataset '{dataset_id}'")
-    return dataset_out(row)
+    return dataset_out(owned_dataset(gw, dataset_id, user))
 
 
 @router.get("/{dataset_id}/preview", response_model=DatasetPreview,
@@ -244,9 +249,7 @@ def get_dataset(
 def dataset_preview(
     dataset_id: str, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]
 ) -> DatasetPreview:
-    row = gw.ctx.jobs.get_dataset(dataset_id, user)
-    if row is None:
-        raise ApiProblem(404, f"no dataset '{dataset_id}'")
+    row = owned_dataset(gw, dataset_id, user)
     key = f"datasets/{dataset_id}/preview.json"
     if row.kind != "upload" or row.deleted_at is not None or not gw.ctx.store.exists(key):
         raise ApiProblem(404, f"dataset '{dataset_id}' has no preview", type_="urn:nnm:problem:no-preview")
