@@ -112,6 +112,7 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     page.wait_for_url("**/ui/**")
     key_field = page.get_by_label("API key")
     key_field.wait_for()
+    assert _labelled(page) == []
     shot("01-key")
     key_field.type(stack["alice"])
     page.keyboard.press("Enter")
@@ -171,8 +172,9 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     # The job: stage timeline, metrics, loss curves, confusion matrix, downloads.
     page.get_by_role("link", name=first[:12]).click()
     page.locator("#metrics").wait_for()
-    assert [t.strip() for t in page.locator(".timeline li").all_inner_texts()] == [
-        "pretext", "mine", "cluster", "selflabel", "evaluate"]
+    stages = [t.split()[0] for t in page.locator(".timeline li").all_inner_texts()]
+    assert stages == ["pretext", "mine", "cluster", "selflabel", "evaluate"]
+    assert page.locator(".timeline li .took").count() == 5  # each with its duration
     assert "ACC" in page.locator("#metrics").inner_text()
     page.locator("figure.chart").nth(2).wait_for()
     assert page.locator("figure.chart").count() == 3
@@ -208,7 +210,9 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     page.get_by_role("link", name="next →").click()
     expect(page.locator("#page-info")).to_have_text(re.compile(r"^images 49–"))
     shot("08-cluster-page-2")
-    page.locator("#members .thumb").first.click()
+    # From the keyboard: an image is a button; Enter opens its neighbours, Escape closes them.
+    page.locator("#members .thumb").first.focus()
+    page.keyboard.press("Enter")
     dialog = page.locator("dialog#neighbours")
     dialog.wait_for()
     index = int(page.locator("#members .thumb").first.get_attribute("data-index"))
@@ -225,6 +229,7 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     page.get_by_role("link", name="Assign").click()
     page.get_by_label("Drop images here, or choose them:").set_input_files(
         [tmp_path / "digit3.png", tmp_path / "digit7.png"])
+    assert _labelled(page) == []
     rows = page.locator(".assign-row")
     rows.nth(1).wait_for()
     assert rows.count() == 2

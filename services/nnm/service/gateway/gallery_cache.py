@@ -89,7 +89,14 @@ class GalleryCache:
         self._loading: dict[str, threading.Lock] = {}
 
     def get(self, job_id: str) -> Gallery | None:
-        """The job's gallery (downloaded on first use; blocks: call from a worker thread), None if it has none."""
+        """The job's gallery (downloaded on first use; blocks: call from a worker thread), None if it has none.
+
+        Its record is checked on every call (one indexed query): artifacts removed by the retention
+        sweeper, or by another gateway replica's delete, are not served from this replica's cache.
+        """
+        if self.ctx.jobs.artifact(job_id, "gallery/clusters.json") is None:
+            self.evict(job_id)
+            return None
         with self._lock:
             if job_id in self._galleries:
                 self._galleries.move_to_end(job_id)

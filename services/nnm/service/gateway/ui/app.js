@@ -306,8 +306,10 @@ function metricsTable(m) {
 async function jobPage(id) {
   const mine = generation;
   const job = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+  const took = (s) => (s.started_at && s.finished_at ? (new Date(s.finished_at) - new Date(s.started_at)) / 1000 : null);
   const timeline = h("ol", { class: "timeline", "aria-label": "Stages" }, (job.stages || []).map((s) =>
-    h("li", { class: s.status, title: `${s.status}${s.started_at ? ", started " + when(s.started_at) : ""}`, text: s.name })));
+    h("li", { class: s.status, title: `${s.status}${s.started_at ? ", started " + when(s.started_at) : ""}` },
+      s.name, took(s) !== null ? h("span", { class: "took", text: ` ${duration(took(s))}` }) : null)));
   const actions = h("div", { class: "row" },
     TERMINAL.has(job.status) ? null : h("button", { class: "danger", type: "button", onclick: async () => {
       try { await api(`/v1/jobs/${job.id}/cancel`, { method: "POST" }); route(); } catch (err) { fail(err); }
@@ -315,8 +317,13 @@ async function jobPage(id) {
     job.artifacts.some((a) => a.name === "gallery/clusters.json") ? h("a", { href: `#/jobs/${job.id}/clusters`, class: "button", id: "browse-clusters" }, "Browse the clusters →") : null);
   const charts = h("div", { class: "charts" });
   const confusion = h("div");
-  const artifacts = h("ul", {}, job.artifacts.filter((a) => !a.name.includes("/") || a.name.startsWith("model/"))
-    .map((a) => h("li", {}, h("button", { type: "button", class: "secondary", onclick: () => download(job, a.name).catch(fail) }, a.name), h("span", { class: "muted", text: ` ${bytes(a.size)}` }))));
+  const item = (a) => h("li", {}, h("button", { type: "button", class: "secondary", onclick: () => download(job, a.name).catch(fail) }, a.name),
+    h("span", { class: "muted", text: ` ${bytes(a.size)}` }));
+  const main = job.artifacts.filter((a) => !a.name.includes("/") || a.name.startsWith("model/"));
+  const stageFiles = job.artifacts.filter((a) => !main.includes(a));
+  const artifacts = h("div", {}, h("ul", {}, main.map(item)), stageFiles.length
+    ? h("details", {}, h("summary", { text: `Stage outputs (${stageFiles.length} files: checkpoints, neighbours, gallery)` }), h("ul", {}, stageFiles.map(item)))
+    : null);
   show(`Job ${short(job.id)}`,
     h("section", { class: "card" }, h("p", {}, h("span", { class: `badge ${job.status}`, text: job.status }), ` ${job.type} on dataset ${short(job.dataset_id)}, preset ${job.params.preset || "–"}`),
       timeline, h("div", { class: "job-progress" }, ...jobProgress(job)), job.error ? h("p", { class: "error", role: "alert", text: `${job.error.title}: ${job.error.detail}` }) : null, actions),
