@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/out/small"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting over the preset, passed to every run (repeatable)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
@@ -39,11 +41,12 @@ def main() -> int:
             out = args.out / f"{ds}-seed{seed}"
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "nnm.cli.main", "pipeline", "--dataset", ds, "--preset", args.preset,
-                            "--seed", str(seed), "--quiet", "--out", str(out)], check=True)
+                            "--seed", str(seed), "--quiet", "--out", str(out),
+                            *[a for kv in args.set for a in ("--set", kv)]], check=True)
             wall = time.perf_counter() - t0
             m = json.loads((out / "metrics.json").read_text())
-            row = {"dataset": ds, "seed": seed, "preset": args.preset, "acc": m["acc"], "nmi": m["nmi"],
-                   "ari": m["ari"], "wall_s": round(wall, 1), "final_stage": m.get("final_stage"),
+            row = {"dataset": ds, "seed": seed, "preset": args.preset, "set": args.set, "acc": m["acc"],
+                   "nmi": m["nmi"], "ari": m["ari"], "wall_s": round(wall, 1), "final_stage": m.get("final_stage"),
                    "neighbor_accuracy": m.get("neighbor_accuracy"), "selflabel_guard": m.get("selflabel_guard"),
                    "timings": m["timings"]}
             runs.append(row)
