@@ -83,14 +83,25 @@ def test_fast_preset_keeps_the_papers_networks_and_sizes_its_schedules_by_the_da
 
 
 
-def test_cpu_preset_widens_shear_and_shift_for_digits_only():
-    """A measured deviation (docs/fidelity.md): digits get +-0.18 at magnitude 0.6, colour images SCAN's +-0.1."""
+def test_cpu_preset_keeps_scans_shear_and_shift_ranges():
+    """Measured (docs/fidelity.md): 3x wider shear and shift did not help digits or MNIST-5k, so the digit
+    presets keep SCAN's maxima at their gentler magnitude, and colour images SCAN's ranges exactly."""
     def strong(traits: DatasetTraits) -> tuple[float, float, float]:
         cfg = parse_config(PipelineConfig, build_preset("cpu", traits, cuda=False) | {"data": {"dataset": "x"}})
         a = cfg.cluster.augment
         assert cfg.selflabel.augment == a
         return a.magnitude, a.shear, a.translate
 
-    assert strong(DatasetTraits("mnist5k", 28, 1, 5000)) == (0.6, 0.3, 0.3)
-    assert strong(DatasetTraits("digits", 8, 1, 1797)) == (0.6, 0.3, 0.3)
+    assert strong(DatasetTraits("mnist5k", 28, 1, 5000)) == (0.6, 0.1, 0.1)
+    assert strong(DatasetTraits("digits", 8, 1, 1797)) == (0.6, 0.1, 0.1)
     assert strong(DatasetTraits("cifar10", 32, 3, 45000)) == (1.0, 0.1, 0.1)
+
+
+def test_mnist_like_preset_clusters_with_ten_heads():
+    """Measured (docs/benchmarks.md): 3 heads left one MNIST-5k seed in three with two digits merged."""
+    def heads(traits: DatasetTraits) -> int:
+        return parse_config(PipelineConfig, build_preset("cpu", traits, cuda=False) | {"data": {"dataset": "x"}}
+                            ).cluster.heads
+
+    assert heads(DatasetTraits("mnist5k", 28, 1, 5000)) == 10
+    assert heads(DatasetTraits("digits", 8, 1, 1797)) == 3
