@@ -252,6 +252,7 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     page.get_by_text("No data sets yet.").wait_for()
     page.goto(f"{stack['base']}/ui/#/jobs/{first}/clusters")
     page.get_by_text(f"404: no job '{first}'").wait_for()
+    assert page.get_by_role("heading", name="Not found").is_visible()  # not the previous page with a banner
     shot("11-foreign-key")
     context.close()
 

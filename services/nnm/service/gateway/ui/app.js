@@ -446,7 +446,13 @@ async function route() {
     else if (parts[0] === "jobs" && parts[1] && parts[2] === "clusters") await clustersPage(parts[1]);
     else if (parts[0] === "jobs" && parts[1]) await jobPage(parts[1]);
     else await jobsPage(query);
-  } catch (err) { fail(err); }
+  } catch (err) {
+    // The page could not be built: say why in its place rather than leave the previous page standing.
+    if (err instanceof ApiError && err.status === 401) return;
+    const text = err instanceof ApiError ? `${err.status}: ${err.message}` : String(err && err.message ? err.message : err);
+    show(err instanceof ApiError && err.status === 404 ? "Not found" : "Something went wrong",
+      h("p", { class: "error", role: "alert", text }), h("p", {}, h("a", { href: "#/jobs", text: "← jobs" })));
+  }
 }
 
 document.getElementById("forget-key").addEventListener("click", () => { sessionStorage.removeItem(KEY_ITEM); askForKey(""); });
