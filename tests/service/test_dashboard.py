@@ -141,13 +141,15 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     assert _labelled(page) == []
     start = page.get_by_role("button", name="Start pipeline")
     start.click()
-    page.get_by_text("queued.").wait_for()
-    first = page.locator("tbody tr").first.get_attribute("data-job")
-    start.click()
     # (expect() rather than wait_for_function: the page's CSP forbids the eval that the latter needs)
-    expect(page.locator("tbody tr[data-job]")).to_have_count(2)
-    second = page.locator("tbody tr").first.get_attribute("data-job")
-    assert second != first
+    jobs = page.locator("tbody tr[data-job]")
+    expect(jobs).to_have_count(1)  # the list is reloaded after the answer: wait for the job's row
+    first = jobs.first.get_attribute("data-job")
+    assert first and first in page.locator("#status").inner_text()  # "Job <id> queued."
+    start.click()
+    expect(jobs).to_have_count(2)
+    second = jobs.first.get_attribute("data-job")  # newest first
+    assert second and second != first
     page.get_by_role("button", name=f"Cancel job {second}").click()
     page.locator(f"tr[data-job='{second}'] .badge", has_text="cancelled").wait_for(timeout=60_000)
 
