@@ -140,6 +140,36 @@ def test_corrupt_and_fake_images_are_named(tmp_path):
         load_dataset(str(tmp_path / "b"))
 
 
+def test_the_check_of_an_upload_names_every_bad_image_at_once(tmp_path):
+    """The upload check goes on past a bad image: one answer counts them all and names the first few."""
+    good = png_bytes(np.zeros((8, 8), np.uint8))
+    root = tmp_path / "set"
+    (root / "a").mkdir(parents=True)
+    for i in range(4):
+        (root / "a" / f"ok{i}.png").write_bytes(good)
+    (root / "a" / "broken.png").write_bytes(good[: len(good) // 2])
+    (root / "a" / "notes.png").write_text("this is text")
+    with pytest.raises(DatasetError) as err:
+        inspect_image_folder(root)
+    message = str(err.value)
+    assert message.startswith("2 of 6 images cannot be used: ")
+    assert "'a/broken.png' is" in message and "file 'a/notes.png' is not a readable image" in message
+    for i in range(6):  # more bad images than are named: the rest are counted
+        (root / "a" / f"junk{i}.png").write_text("junk")
+    with pytest.raises(DatasetError, match=r"^8 of 12 images cannot be used: .*; and 3 more$"):
+        inspect_image_folder(root)
+    (root / "a" / "notes.png").unlink()  # a single bad image: its own sentence, as before
+    for i in range(6):
+        (root / "a" / f"junk{i}.png").unlink()
+    with pytest.raises(DatasetError, match=r"^file 'a/broken.png' is not a readable image$"):
+        inspect_image_folder(root)
+    # Past the header: pixels that fail to decode are found and counted the same way.
+    noise = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    (root / "a" / "late.png").write_bytes(noise[: len(noise) // 2])
+    with pytest.raises(DatasetError, match=r"^2 of 6 images cannot be used: .*'a/late.png' is corrupt or truncated"):
+        inspect_image_folder(root)
+
+
 def test_empty_folder_and_unknown_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images found"):

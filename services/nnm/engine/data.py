@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DatasetError
+from .errors import BadImageError, DatasetError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PIL_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM"]
@@ -538,11 +538,11 @@ def _image_errors(name: str) -> Iterator[None]:
     except DatasetError:
         raise
     except Image.DecompressionBombError:
-        raise DatasetError(f"image '{name}' declares too many pixels (a decompression bomb)") from None
+        raise BadImageError(f"image '{name}' declares too many pixels (a decompression bomb)") from None
     except UnidentifiedImageError:
-        raise DatasetError(f"file '{name}' is not a readable image") from None
+        raise BadImageError(f"file '{name}' is not a readable image") from None
     except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DatasetError(f"image '{name}' is corrupt or truncated ({exc})") from None
+        raise BadImageError(f"image '{name}' is corrupt or truncated ({exc})") from None
 
 
 def open_image(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
@@ -553,7 +553,7 @@ def open_image(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     img = Image.open(fp, formats=PIL_FORMATS)
     w, h = img.size
     if w * h > max_pixels:
-        raise DatasetError(f"image '{name}' declares {w}x{h} pixels, more than the limit of {max_pixels}")
+        raise BadImageError(f"image '{name}' declares {w}x{h} pixels, more than the limit of {max_pixels}")
     return img
 
 
@@ -715,15 +715,34 @@ def _list_entries(path: Path, archive: zipfile.ZipFile | None, limits: LoadLimit
     return entries
 
 
-def _scan(entries: list[_Entry], limits: LoadLimits, image_size: int | None) -> tuple[list[_Entry], int]:
-    """The entries, and the side chosen from their headers (see `load_image_folder`)."""
-    headers = list(ordered_map(lambda i: _read_header(entries[i], limits), len(entries)))
+def _scan(
+    entries: list[_Entry], limits: LoadLimits, image_size: int | None, problems: BadImages | None = None
+) -> tuple[list[_Entry], int]:
+    """The entries, and the side chosen from their headers (see `load_image_folder`).
+
+    With `problems`, an entry whose header is bad is recorded there and left out instead of ending the scan.
+    """
+
+    def header(i: int) -> tuple[int, int, str | None] | None:
+        try:
+            return _read_header(entries[i], limits)
+        except BadImageError as exc:
+            if problems is None:
+                raise
+            problems.add(str(exc))
+            return None
+
+    found = list(ordered_map(header, len(entries)))
+    kept = [e for e, h in zip(entries, found, strict=True) if h is not None]
+    headers = [h for h in found if h is not None]
+    if not headers:
+        raise DatasetError(problems.message(len(entries)) if problems else "no readable images found")
     sizes = {(w, h) for w, h, _ in headers}
     only = next(iter(sizes))
     side = only[0] if len(sizes) == 1 and only[0] == only[1] and only[0] <= 256 else DEFAULT_FOLDER_SIZE
     target = image_size or side
     _check_total_pixels(sum(decode_pixels(w, h, fmt, target) for w, h, fmt in headers), limits, "the images")
-    return entries, side
+    return kept, side
 
 
 @contextlib.contextmanager
@@ -809,6 +828,34 @@ def load_image_folder(
     return data
 
 
+class BadImages:
+    """The images of a set that cannot be used: how many, and the first few problems (thread-safe)."""
+
+    #: Problems named in the message; the rest are counted.
+    shown = 5
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, problem: str) -> None:
+        with self._lock:
+            self.count += 1
+            if len(self.first) < self.shown:
+                self.first.append(problem)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def message(self, total: int) -> str:
+        """One sentence: the problem itself when there is one, else the count and the first few."""
+        if self.count == 1:
+            return self.first[0]
+        more = f"; and {self.count - len(self.first)} more" if self.count > len(self.first) else ""
+        return f"{self.count} of {total} images cannot be used: " + "; ".join(self.first) + more
+
+
 def inspect_image_folder(path: Path, limits: LoadLimits | None = None, preview: int = 0,
                          preview_side: int = 48) -> FolderSummary:
     """Check a folder or .zip as `load_image_folder` would load it, without keeping any pixels.
@@ -819,13 +866,25 @@ def inspect_image_folder(path: Path, limits: LoadLimits | None = None, preview: 
     """
     limits = limits or LoadLimits()
     with _open_folder(path, limits) as archive:
-        entries, side = _scan(_list_entries(path, archive, limits), limits, None)
+        listed = _list_entries(path, archive, limits)
+        # Every bad image is found before answering, so one answer names them all (the first few, and a count).
+        bad = BadImages()
+        entries, side = _scan(listed, limits, None, bad)
         paths = [e.relpath for e in entries]
         layout = _split_layout(paths)
         classes = _class_layout(paths)[1] if layout is None else layout.classes(paths)[0]
         budget, colour = _Budget(limits.max_total_bytes, _budget_words(archive)), threading.Event()
-        for _ in ordered_map(lambda i: _decode_entry(entries[i], limits, budget, side, False, colour), len(entries)):
+
+        def check(i: int) -> None:
+            try:
+                _decode_entry(entries[i], limits, budget, side, False, colour)
+            except BadImageError as exc:  # this image only: go on
+                bad.add(str(exc))
+
+        for _ in ordered_map(check, len(entries)):
             pass
+        if bad:
+            raise DatasetError(bad.message(len(listed)))
         gray = not colour.is_set()
         samples = []
         if preview:

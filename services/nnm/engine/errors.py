@@ -20,6 +20,10 @@ class DatasetError(NNMError):
     kind = "invalid-dataset"
 
 
+class BadImageError(DatasetError):
+    """One image of a dataset cannot be used (corrupt, not an image, too many pixels)."""
+
+
 class ConfigError(NNMError):
     """A configuration key or value is unknown or invalid."""
 
