@@ -128,7 +128,9 @@ def run_evaluate(
             row.append(data.class_names[labels[i]])
         writer.writerow(row)
     atomic_write_bytes(out / f"{prefix}assignments.csv", buf.getvalue().encode())
-    if gallery if gallery is not None else (cfg.gallery and not prefix):
+    # By default only the unprefixed evaluation (the clustered images' own, or the only one) has a gallery.
+    write = (cfg.gallery and not prefix) if gallery is None else gallery
+    if write:
         write_gallery(out / "gallery", images, data.names, probs, rows, labels, names, gallery_neighbors,
                       cfg.gallery_thumbnail)
     atomic_write_json(out / f"{prefix}metrics.json", metrics)
