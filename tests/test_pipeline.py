@@ -212,3 +212,43 @@ def test_fast_preset_runs_on_a_96px_folder_of_20_classes(tmp_path, digits):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 40 and len(metrics["cluster_sizes"]) == len(classes)
     assert 0 < metrics["acc"] <= 1 and sum(metrics["cluster_sizes"]) == 40
+
+
+@pytest.mark.slow
+def test_estimate_finds_ten_digits_on_the_trained_run(trained, tmp_path):
+    """The estimate stage on the pipeline run's own pretext model and mined neighbours (labels unused)."""
+    from nnm.engine.config import EstimateConfig
+    from nnm.engine.stages.estimate import run_estimate
+
+    out, _ = trained
+    summary = run_estimate(EstimateConfig(), load_dataset("digits"), out / "pretext", out / "mine", tmp_path / "est")
+    assert 9 <= summary["clusters"] <= 11, summary["curve"]
+    assert summary["num_classes"] == 10 and (summary["min_clusters"], summary["max_clusters"]) == (2, 50)
+
+
+def test_auto_clusters_on_a_flat_folder(tmp_path, small_digits):
+    """A folder without class folders runs with `--clusters auto` only: the estimate decides K, the model,
+    the metrics and the gallery follow it, and without `auto` the run is refused with the way out named."""
+    folder = write_image_folder(tmp_path / "flat", small_digits, labelled=False)
+    out = tmp_path / "run"
+    refused = run_cli("pipeline", "--dataset", str(folder), "--preset", "quick", "--quiet", "--out", str(out))
+    assert refused.returncode == 2 and "--clusters auto" in refused.stderr
+    r = run_cli("pipeline", "--dataset", str(folder), "--preset", "quick", "--quiet", "--out", str(out),
+                "--clusters", "auto", "--min-clusters", "3", "--max-clusters", "25", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    est = json.loads((out / "estimate" / "estimate.json").read_text())
+    k = est["clusters"]
+    assert 3 <= k <= 25 and (est["min_clusters"], est["max_clusters"]) == (3, 25)
+    assert set(est["curve"]) == {str(i) for i in range(3, 26)} and "num_classes" not in est
+    assert est["curve"][str(k)] == max(est["curve"].values())
+    assert (out / "estimate" / "curve.png").stat().st_size > 1000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["estimated_clusters"] == {"clusters": k, "criterion": "modularity", "min_clusters": 3,
+                                             "max_clusters": 25}
+    assert "acc" not in metrics and len(metrics["cluster_sizes"]) == k
+    assert json.loads((out / "model" / "model.json").read_text())["clusters"] == k
+    assert json.loads((out / "cluster" / "meta.json").read_text())["clusters"] == k
+    assert json.loads(r.stdout)["estimated_clusters"]["clusters"] == k
+    bad = run_cli("pipeline", "--dataset", str(folder), "--preset", "quick", "--quiet", "--out", str(tmp_path / "x"),
+                  "--clusters", "many")
+    assert bad.returncode == 2 and "expected a number of clusters or 'auto'" in bad.stderr

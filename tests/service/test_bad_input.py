@@ -114,6 +114,13 @@ def test_invalid_job_parameters(client, uploaded_digits, worker):
                    "cluster.clusters")
     expect_problem(post({"type": "pipeline", "dataset_id": ds, "params": {"cluster": {"clusters": 5000}}}), 422,
                    "5000 clusters")
+    expect_problem(post({"type": "pipeline", "dataset_id": ds, "params": {"cluster": {"clusters": "many"}}}), 422,
+                   "cluster.clusters")
+    expect_problem(post({"type": "cluster", "dataset_id": ds, "params": {"cluster": {"clusters": "auto"}}}), 422,
+                   "'auto' is estimated by a pipeline job")
+    backwards = {"cluster": {"clusters": "auto"}, "estimate": {"min_clusters": 9, "max_clusters": 4}}
+    expect_problem(post({"type": "pipeline", "dataset_id": ds, "params": backwards}), 422,
+                   "min_clusters (9) exceeds max_clusters (4)")
     expect_problem(post({"type": "pipeline", "dataset_id": ds, "params": {"preset": "nope"}}), 422, "unknown preset")
     expect_problem(post({"type": "pipeline", "dataset_id": "ds_unknown"}), 422, "no dataset")
     expect_problem(post({"type": "mine", "dataset_id": ds, "inputs": {"pretext_job_id": "job_unknown"}}), 422,

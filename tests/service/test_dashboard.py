@@ -146,6 +146,7 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     expect(jobs).to_have_count(1)  # the list is reloaded after the answer: wait for the job's row
     first = jobs.first.get_attribute("data-job")
     assert first and first in page.locator("#status").inner_text()  # "Job <id> queued."
+    page.get_by_label("Clusters").fill("auto")  # the second one asks for an estimated number of clusters
     start.click()
     expect(jobs).to_have_count(2)
     second = jobs.first.get_attribute("data-job")  # newest first
@@ -193,6 +194,7 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
     job = api.get(f"/v1/jobs/{first}").json()
     assert metrics["acc"] == job["metrics"]["acc"]
     assert job["config"]["pretext"]["epochs"] == 12 and job["config"]["cluster"]["clusters"] == 10
+    assert api.get(f"/v1/jobs/{second}").json()["config"]["cluster"]["clusters"] == "auto"
 
     # The cluster browser: every cluster, then the biggest one paged, then an image's neighbours.
     page.locator("#browse-clusters").click()
@@ -241,6 +243,26 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path):
         assert f"cluster {want['cluster']} · confidence {want['confidence']:.2f}" in row.inner_text()
         assert row.locator(".protos img").count() == len(clusters[want["cluster"]]["prototypes"])
     shot("10-assign")
+
+    # A job whose number of clusters was estimated shows the estimate and its curve over K.
+    params = {"preset": "quick", "pretext": {"epochs": 4, "batch_size": 64}, "selflabel": {"enabled": False},
+              "cluster": {"epochs": 1, "clusters": "auto"}, "estimate": {"max_clusters": 16}}
+    body = {"type": "pipeline", "dataset_id": job["dataset_id"], "params": params}
+    auto = api.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 600
+    while api.get(f"/v1/jobs/{auto}").json()["status"] not in {"succeeded", "failed", "cancelled"}:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    est = json.loads(api.get(f"/v1/jobs/{auto}/artifacts/estimate/estimate.json").content)
+    page.goto(f"{stack['base']}/ui/#/jobs/{auto}")
+    section = page.locator("#estimate")
+    expect(section).to_contain_text(f"Estimated {est['clusters']} clusters without labels (modularity, searched 2–16)")
+    assert section.locator("svg circle").count() == 1  # the choice, marked on the curve
+    assert section.locator("svg").get_attribute("aria-label") == "Number of clusters: modularity over K"
+    assert f"{est['clusters']} by modularity" in page.locator("#metrics").inner_text()
+    shot("10b-estimate")
+    page.get_by_role("link", name="Assign").click()
+    page.get_by_label("Drop images here, or choose them:").wait_for()
     assert problems == []
 
     # Another user's key sees none of it.

@@ -120,6 +120,25 @@ def test_pipeline_job_end_to_end(client: Client, worker, infra, tmp_path):
     assert all(g["class_name"] in model["class_names"] for g in got)
 
 
+def test_pipeline_estimates_the_number_of_clusters(client: Client, worker, uploaded_digits: dict):
+    """clusters "auto": an estimate stage runs between mining and clustering, its curve is an artifact, and
+    the model, the metrics and the cluster browser all have the estimated number of clusters."""
+    params = FAST_PIPELINE | {"cluster": {"epochs": 2, "clusters": "auto"}, "estimate": {"max_clusters": 20}}
+    final = client.wait(client.submit("pipeline", uploaded_digits["id"], params)["id"], timeout=900)
+    assert final["status"] == "succeeded", final["error"]
+    assert [s["name"] for s in final["stages"]] == ["pretext", "mine", "estimate", "cluster", "selflabel", "evaluate"]
+    assert all(s["status"] == "succeeded" for s in final["stages"])
+    est = json.loads(client.artifact(final["id"], "estimate/estimate.json"))
+    k = est["clusters"]
+    assert 2 <= k <= 20 and est["max_clusters"] == 20 and est["criterion"] == "modularity"
+    assert final["metrics"]["estimated_clusters"]["clusters"] == k
+    with Image.open(io.BytesIO(client.artifact(final["id"], "estimate/curve.png"))) as im:
+        assert im.format == "PNG"
+    assert client.http.get(f"/v1/models/{final['model_id']}").json()["clusters"] == k
+    clusters = client.http.get(f"/v1/jobs/{final['id']}/clusters").json()["clusters"]
+    assert len(clusters) == k
+
+
 def test_large_artifacts_redirect_to_a_presigned_url(client: Client, worker, uploaded_digits: dict):
     jobs = client.http.get("/v1/jobs", params={"status": "succeeded", "type": "pipeline"}).json()["items"]
     if not jobs:

@@ -40,10 +40,22 @@ def _add_common(p: argparse.ArgumentParser, dataset: bool = True, preset: bool =
             metavar="KEY=VALUE",
             help="override one setting, e.g. --set pretext.epochs=20 (repeatable)",
         )
-        p.add_argument("--clusters", type=int, help="number of clusters (default: number of classes)")
+        p.add_argument("--clusters", type=_clusters_arg,
+                       help="number of clusters, or 'auto' to estimate it (default: number of classes)")
+        p.add_argument("--min-clusters", type=int, help="with --clusters auto: fewest clusters considered (default 2)")
+        p.add_argument("--max-clusters", type=int, help="with --clusters auto: most clusters considered (default 50)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _clusters_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of clusters or 'auto', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +252,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for item in getattr(args, "overrides", []):
         apply_override(data, item)
     if getattr(args, "clusters", None) is not None:
-        apply_override(data, f"cluster.clusters={args.clusters}")
+        apply_override(data, f"cluster.clusters={json.dumps(args.clusters)}")
+    for flag, key in (("min_clusters", "estimate.min_clusters"), ("max_clusters", "estimate.max_clusters")):
+        if getattr(args, flag, None) is not None:
+            apply_override(data, f"{key}={getattr(args, flag)}")
     if args.seed is not None:
         apply_override(data, f"runtime.seed={args.seed}")
     if args.device is not None:
@@ -266,7 +281,7 @@ def _print(obj: Any) -> None:
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     keys = ["evaluated_on", "acc", "nmi", "ari", "top5", "num_images", "num_clusters", "empty_clusters",
-            "mean_confidence", "train"]
+            "mean_confidence", "estimated_clusters", "train"]
     return {k: metrics[k] for k in keys if k in metrics}
 
 

@@ -7,7 +7,7 @@ the key named instead of being silently ignored.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -181,8 +181,9 @@ class ClusterConfig(Strict):
     """SCAN / NNM training of the clustering heads."""
 
     method: Literal["scan", "nnm"] = "nnm"
-    #: Number of clusters (None: the number of classes of a labelled dataset).
-    clusters: int | None = Field(None, ge=2)
+    #: Number of clusters (None: the number of classes of a labelled dataset; "auto": estimated from the
+    #: mined neighbours by the pipeline's estimate stage, see `EstimateConfig`).
+    clusters: Annotated[int, Field(ge=2)] | Literal["auto"] | None = None
     heads: int = Field(3, ge=1)
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(200, ge=2)
@@ -200,6 +201,27 @@ class ClusterConfig(Strict):
     global_matching: bool = True
     cluster_temperature: float = Field(1.0, gt=0)
     augment: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
+
+
+class EstimateConfig(Strict):
+    """Estimating the number of clusters when `cluster.clusters` is "auto" (see `nnm.engine.estimate`)."""
+
+    #: modularity: k-means partitions of the mined features scored on the mined neighbour graph;
+    #: silhouette: the same partitions scored by their silhouette; eigengap: the graph's spectrum alone.
+    criterion: Literal["modularity", "silhouette", "eigengap"] = "modularity"
+    min_clusters: int = Field(2, ge=2, le=1000)
+    max_clusters: int = Field(50, ge=2, le=1000)
+    #: Neighbours per image in the graph (None: all mined ones).
+    graph_neighbors: int | None = Field(None, ge=1)
+    #: Images whose silhouette is averaged (the silhouette criterion only; k-means itself fits on at
+    #: most 20,000 images and then assigns every image).
+    sample: int = Field(4000, ge=100, le=50000)
+
+    @model_validator(mode="after")
+    def _range(self) -> EstimateConfig:
+        if self.min_clusters > self.max_clusters:
+            raise ValueError(f"min_clusters ({self.min_clusters}) exceeds max_clusters ({self.max_clusters})")
+        return self
 
 
 class SelfLabelConfig(Strict):
@@ -241,6 +263,7 @@ class PipelineConfig(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     pretext: PretextConfig = Field(default_factory=PretextConfig)
     mine: MineConfig = Field(default_factory=MineConfig)
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     selflabel: SelfLabelConfig = Field(default_factory=SelfLabelConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -249,6 +272,10 @@ class PipelineConfig(Strict):
     def _neighbours_fit(self) -> PipelineConfig:
         if self.cluster.neighbors is not None and self.cluster.neighbors > self.mine.topk:
             raise ValueError(f"cluster.neighbors ({self.cluster.neighbors}) exceeds mine.topk ({self.mine.topk})")
+        if self.estimate.graph_neighbors is not None and self.estimate.graph_neighbors > self.mine.topk:
+            raise ValueError(
+                f"estimate.graph_neighbors ({self.estimate.graph_neighbors}) exceeds mine.topk ({self.mine.topk})"
+            )
         return self
 
 

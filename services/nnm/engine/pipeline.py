@@ -1,4 +1,4 @@
-"""The whole pipeline: pretext -> mine -> cluster -> self-label -> export -> evaluate."""
+"""The whole pipeline: pretext -> mine -> (estimate K) -> cluster -> self-label -> export -> evaluate."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .presets import DatasetTraits, build_preset
 from .progress import ProgressSink
 from .runtime import resolve_device
 from .stages.cluster import load_cluster_model, resolve_clusters, run_cluster
+from .stages.estimate import run_estimate
 from .stages.evaluate import run_evaluate
 from .stages.mine import run_mine
 from .stages.pretext import run_pretext
@@ -81,7 +82,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     started = time.perf_counter()
     d = cfg.data
     data = load_dataset(d.dataset, d.split, d.image_size, d.root)
-    k = resolve_clusters(cfg.cluster.clusters, data)
+    auto_k = cfg.cluster.clusters == "auto"
+    k = None if auto_k else resolve_clusters(cfg.cluster.clusters, data)
     if cfg.mine.topk >= len(data):
         raise DatasetError(f"the dataset has {len(data)} images, too few for {cfg.mine.topk} neighbours each")
     pretext_data = data
@@ -95,6 +97,12 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     summary = run_mine(cfg.mine, data, out / "pretext", out / "mine", rt, sink)
     timings["mine"] = {"seconds": round(summary["seconds_features"] + summary["seconds_search"], 2)}
     mine_summary = summary
+    estimate = None
+    if auto_k:
+        estimate = run_estimate(cfg.estimate, data, out / "pretext", out / "mine", out / "estimate", rt, sink,
+                                feature=cfg.mine.feature)
+        timings["estimate"] = {"seconds": estimate["seconds"]}
+        k = int(estimate["clusters"])
     cluster_cfg = cfg.cluster.model_copy(update={"clusters": k})
     summary = run_cluster(cluster_cfg, data, out / "pretext", out / "mine", out / "cluster", rt, sink)
     timings["cluster"] = _stage_timing(summary)
@@ -130,7 +138,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     # The gallery shows the clustered images, the ones with mined neighbours.
     train_metrics = run_evaluate(trained, data, out, cfg.evaluate, rt, None if held_out else sink,
                                  prefix="train_" if held_out else "", gallery=cfg.evaluate.gallery,
-                                 gallery_neighbors=np.load(out / "mine" / "neighbors.npy"))
+                                 gallery_neighbors=np.load(out / "mine" / "neighbors.npy") if cfg.evaluate.gallery
+                                 else None)
     if data.has_labels:
         trained.info.cluster_to_class = train_metrics["cluster_to_class"]
     else:
@@ -146,6 +155,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     trained.save(out / "model")
     metrics["neighbor_accuracy"] = mine_summary.get("neighbor_accuracy")
     metrics["final_stage"] = final.name
+    if estimate is not None:
+        metrics["estimated_clusters"] = {key: estimate[key] for key in ("clusters", "criterion", "min_clusters",
+                                                                          "max_clusters")}
     metrics["selflabel_kept"] = selflabel_kept
     if guard:
         metrics["selflabel_guard"] = guard

@@ -78,3 +78,28 @@ def prototypes_png(
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def criterion_curve_png(curve: dict[int, float], chosen: int, criterion: str, path: Path, title: str = "") -> None:
+    """The estimate's criterion over the candidate numbers of clusters, the chosen one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(curve)
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot(ks, [curve[k] for k in ks], marker="o", markersize=3, color="#1f5f9f")
+    ax.axvline(chosen, color="#c0392b", linestyle="--", linewidth=1)
+    ax.annotate(f"K = {chosen}", (chosen, curve[chosen]), textcoords="offset points", xytext=(6, 6), color="#c0392b")
+    ax.set_xlabel("number of clusters K")
+    ax.set_ylabel({"eigengap": "gap after K (normalised Laplacian)", "silhouette": "mean silhouette",
+                   "modularity": "modularity on the mined graph"}.get(criterion, criterion))
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -19,14 +19,14 @@ from nnm.engine.presets import DatasetTraits
 from .store.db import DatasetRow, JobRow
 from .store.repository import JobStore
 
-#: Stages each job type runs, in order.
+#: Stages each job type runs, in order (`estimate` only with clusters "auto", `selflabel` only when enabled).
 STAGES: dict[str, list[str]] = {
     "pretext": ["pretext"],
     "mine": ["mine"],
     "cluster": ["cluster", "evaluate"],
     "selflabel": ["selflabel", "evaluate"],
     "evaluate": ["evaluate"],
-    "pipeline": ["pretext", "mine", "cluster", "selflabel", "evaluate"],
+    "pipeline": ["pretext", "mine", "estimate", "cluster", "selflabel", "evaluate"],
 }
 #: Inputs each job type requires.
 REQUIRED_INPUTS: dict[str, list[str]] = {
@@ -37,6 +37,16 @@ REQUIRED_INPUTS: dict[str, list[str]] = {
 }
 #: Stage directory an input job provides.
 INPUT_STAGE = {"pretext_job_id": "pretext", "mine_job_id": "mine", "cluster_job_id": "cluster"}
+
+
+def stages_of(job_type: str, cfg: PipelineConfig) -> list[str]:
+    """The stages a job of `job_type` with settings `cfg` runs, in order."""
+    skip = set()
+    if cfg.cluster.clusters != "auto":
+        skip.add("estimate")
+    if not cfg.selflabel.enabled:
+        skip.add("selflabel")
+    return [s for s in STAGES[job_type] if s not in skip]
 
 
 def queue_for(job_type: str) -> str:
@@ -137,10 +147,18 @@ def check_sizes(cfg: PipelineConfig, row: DatasetRow) -> None:
     if not n:
         return
     k = cfg.cluster.clusters or (len(row.classes) if row.classes else None)
+    if k == "auto":  # the estimate considers at most n // 2 clusters
+        k = cfg.estimate.min_clusters * 2
+        if k > n:
+            raise SpecError(
+                422,
+                f"the dataset has {n} images, too few to look for at least {cfg.estimate.min_clusters} clusters",
+                [{"loc": ["params", "estimate", "min_clusters"], "msg": f"must be at most {n // 2}"}],
+            )
     if k is None:
         raise SpecError(
             422,
-            "the dataset has no labels, so params.cluster.clusters must be given",
+            "the dataset has no labels, so params.cluster.clusters must be given (a number, or auto to estimate it)",
             [{"loc": ["params", "cluster", "clusters"], "msg": "required for unlabelled data"}],
         )
     if k > n:
@@ -249,6 +267,10 @@ def validate_job(
         if value is not None and not ID_PATTERN.match(str(value)):
             raise SpecError(422, f"inputs.{name}: '{str(value)[:80]}' is not an id this service issued",
                             [{"loc": ["inputs", name], "msg": "not an id"}])
+    cluster = params.get("cluster")
+    if job_type == "cluster" and isinstance(cluster, dict) and cluster.get("clusters") == "auto":
+        raise SpecError(422, "params.cluster.clusters: 'auto' is estimated by a pipeline job, not a cluster job",
+                        [{"loc": ["params", "cluster", "clusters"], "msg": "'auto' needs a pipeline job"}])
     check_inputs(job_type, inputs, dataset, owner, store)
     cfg = resolve(dataset, params, device)
     backbone = uploaded_backbone(cfg.pretext.init)

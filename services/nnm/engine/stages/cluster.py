@@ -25,11 +25,15 @@ from .common import EpochMeter, file_digest
 STAGE = "cluster"
 
 
-def resolve_clusters(requested: int | None, data: ImageSet) -> int:
+def resolve_clusters(requested: int | str | None, data: ImageSet) -> int:
     """The number of clusters: as asked, else the number of classes of a labelled set."""
+    if requested == "auto":
+        raise ConfigError("clusters 'auto' is estimated by `nnm pipeline` (its estimate stage); a single "
+                          "cluster stage needs a number (--clusters K)")
     k = requested if requested is not None else data.num_classes
     if k is None:
-        raise ConfigError("the dataset has no labels, so the number of clusters must be given (--clusters K)")
+        raise ConfigError("the dataset has no labels, so the number of clusters must be given "
+                          "(--clusters K, or --clusters auto to estimate it)")
     if k < 2:
         raise ConfigError(f"the number of clusters must be at least 2, got {k}")
     if k > len(data):

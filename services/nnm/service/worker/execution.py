@@ -35,7 +35,15 @@ from nnm.engine.progress import ProgressEvent, ProgressSink
 from nnm.engine.stages import run_cluster, run_evaluate, run_mine, run_pretext, run_selflabel
 
 from ..context import ServiceContext
-from ..jobspec import BACKBONE_PREFIX, INPUT_STAGE, STAGES, backbone_key, dataset_spec, resolve, uploaded_backbone
+from ..jobspec import (
+    BACKBONE_PREFIX,
+    INPUT_STAGE,
+    backbone_key,
+    dataset_spec,
+    resolve,
+    stages_of,
+    uploaded_backbone,
+)
 from ..retry import is_transient, retry_db
 from ..store.db import JobRow, utcnow
 from ..store.storage import download_items, download_prefix, upload_dir
@@ -57,7 +65,7 @@ def attempt_prefix(job_id: str, attempt: int) -> str:
 
 
 #: Stage directories of a job's outputs: artifact names `{stage}/...`.
-STAGE_DIRS = ("pretext", "mine", "cluster", "selflabel")
+STAGE_DIRS = ("pretext", "mine", "estimate", "cluster", "selflabel")
 #: `jobs/{id}/a{attempt}/{stage}/checkpoint.pt`, or `jobs/{id}/{stage}/checkpoint.pt` from before attempts
 #: had prefixes (attempt 0).
 _CHECKPOINT_KEY = re.compile(r"^jobs/[^/]+/(?:a(\d+)/)?([a-z]+)/checkpoint\.pt$")
@@ -258,7 +266,7 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
     for name, stage in INPUT_STAGE.items():
         if inputs.get(name) and not (out / stage / "done.json").exists():
             restore_stages(ctx, inputs[name], (stage,), out)
-    stages = [s for s in STAGES[job.type] if s != "selflabel" or cfg.selflabel.enabled]
+    stages = stages_of(job.type, cfg)
     sink = ServiceSink(ctx, job, attempt, out, stages)
     rt = cfg.runtime
     d = cfg.data

@@ -9,6 +9,8 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const PRESETS = ["auto", "quick", "cpu", "fast", "nnm", "scan"];
 const BUILTINS = ["digits", "mnist5k", "cifar10", "cifar20", "stl10"];
 const PAGE = 48;
+// Jobs whose "Stage outputs" list the user opened: a running job's page is rebuilt on each poll.
+const openOutputs = new Set();
 let generation = 0; // bumped on every navigation: pollers of an old page stop
 
 // --- small helpers -----------------------------------------------------------------------------
@@ -222,7 +224,8 @@ async function jobsPage(query) {
   const ds = h("select", { id: "job-dataset", required: true },
     datasets.map((d) => h("option", { value: d.id, text: `${d.name} (${d.image_count ?? "?"} images)`, selected: query.get("dataset") === d.id })));
   const preset = h("select", { id: "job-preset" }, PRESETS.map((p) => h("option", { value: p, text: p })));
-  const clusters = h("input", { id: "job-clusters", type: "number", min: 2, max: 1000, placeholder: "from the classes" });
+  const clusters = h("input", { id: "job-clusters", type: "text", inputmode: "numeric", size: 10, pattern: "auto|[0-9]+",
+    placeholder: "from the classes", "aria-describedby": "job-clusters-help" });
   const extra = h("input", { id: "job-extra", type: "text", size: 40, spellcheck: "false",
     placeholder: '{"pretext": {"epochs": 10}}', "aria-describedby": "job-extra-help" });
   const form = h("form", { class: "row", id: "start-form", onsubmit: async (e) => {
@@ -233,7 +236,8 @@ async function jobsPage(query) {
       if (typeof params !== "object" || params === null || Array.isArray(params)) { say("More settings: give a JSON object."); return; }
     }
     params.preset = preset.value;
-    if (clusters.value) params.cluster = { ...(params.cluster || {}), clusters: Number(clusters.value) };
+    const k = clusters.value.trim().toLowerCase();
+    if (k) params.cluster = { ...(params.cluster || {}), clusters: k === "auto" ? "auto" : Number(k) };
     try {
       const job = await api("/v1/jobs", { method: "POST", body: { type: "pipeline", dataset_id: ds.value, params } });
       say(`Job ${job.id} queued.`, "info"); refresh();
@@ -242,6 +246,9 @@ async function jobsPage(query) {
   h("label", { for: "job-dataset" }, "Dataset", ds), h("label", { for: "job-preset" }, "Preset", preset),
   h("label", { for: "job-clusters" }, "Clusters", clusters), h("label", { for: "job-extra" }, "More settings (JSON)", extra),
   h("button", { type: "submit", disabled: !datasets.length }, "Start pipeline"),
+  h("p", { id: "job-clusters-help", class: "muted" }, "Clusters: a number, ", h("code", { text: "auto" }),
+    " to estimate it from the data (2–50; set ", h("code", { text: '{"estimate": {"min_clusters": 5, "max_clusters": 30}}' }),
+    " below for another range), or empty for the number of class folders."),
   h("p", { id: "job-extra-help", class: "muted" }, "More settings override the preset, stage by stage, as the API's params do, e.g. ",
     h("code", { text: '{"pretext": {"epochs": 10}, "cluster": {"method": "scan"}}' }), "."));
 
@@ -264,7 +271,9 @@ async function jobsPage(query) {
   await refresh();
 }
 
-function lineChart(title, values) {
+function lineChart(title, values, opts = {}) {
+  // opts: x0 (first x value, 1), xName ("epoch"), what ("loss per epoch"), mark (an x value to circle).
+  const { x0 = 1, xName = "epoch", what = "loss per epoch", caption = `${title} loss`, mark = null } = opts;
   const w = 300, hgt = 160, pad = 34;
   const ys = values.filter((v) => typeof v === "number");
   if (!ys.length) return null;
@@ -272,12 +281,25 @@ function lineChart(title, values) {
   const x = (i) => pad + (values.length > 1 ? (i * (w - pad - 8)) / (values.length - 1) : 0);
   const y = (v) => 10 + (hgt - 40) * (1 - (v - lo) / span);
   const d = values.map((v, i) => `${i ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
-  return h("figure", { class: "chart" }, svg("svg", { width: w, height: hgt, role: "img", "aria-label": `${title}: loss per epoch` },
+  const m = mark === null ? -1 : mark - x0;
+  return h("figure", { class: "chart" }, svg("svg", { width: w, height: hgt, role: "img", "aria-label": `${title}: ${what}` },
     svg("path", { class: "line", d }),
     values.length === 1 ? svg("circle", { class: "dot", cx: x(0), cy: y(values[0]), r: 4 }) : null,
+    m >= 0 && m < values.length ? svg("circle", { class: "dot", cx: x(m), cy: y(values[m]), r: 5 }) : null,
     svg("text", { x: 2, y: 14 }, hi.toFixed(2)), svg("text", { x: 2, y: hgt - 28 }, lo.toFixed(2)),
-    svg("text", { x: pad, y: hgt - 12 }, "epoch 1"), svg("text", { x: w - 50, y: hgt - 12 }, `epoch ${values.length}`)),
-  h("figcaption", { class: "muted", text: `${title} loss` }));
+    svg("text", { x: pad, y: hgt - 12 }, `${xName} ${x0}`), svg("text", { x: w - 50, y: hgt - 12 }, `${xName} ${x0 + values.length - 1}`)),
+  h("figcaption", { class: "muted", text: caption }));
+}
+
+function estimateSection(est) {
+  // The estimate of the number of clusters (clusters "auto"): the choice and the criterion's curve over K.
+  const ks = Object.keys(est.curve).map(Number).sort((a, b) => a - b);
+  const chart = lineChart("Number of clusters", ks.map((k) => est.curve[String(k)]),
+    { x0: ks[0], xName: "K", what: `${est.criterion} over K`, caption: `${est.criterion} criterion over K; the circle marks the choice`, mark: est.clusters });
+  return h("section", { class: "card", id: "estimate" }, h("h2", { text: "Number of clusters" }),
+    h("p", {}, `Estimated `, h("strong", { text: String(est.clusters) }), ` clusters without labels (${est.criterion}, searched ${est.min_clusters}–${est.max_clusters})`,
+      est.num_classes ? h("span", { class: "muted", text: ` · the data set's folders name ${est.num_classes} classes` }) : null, "."),
+    chart);
 }
 
 function heatmap(cm) {
@@ -298,6 +320,7 @@ function metricsTable(m) {
     ["ARI", fmt(m.ari)], ["Mean confidence", fmt(m.mean_confidence)], ["Empty clusters", m.empty_clusters]];
   if (m.train) rows.push(["Training split ACC / NMI / ARI", `${fmt(m.train.acc)} / ${fmt(m.train.nmi)} / ${fmt(m.train.ari)}`]);
   if (m.neighbor_accuracy) rows.push(["Neighbour accuracy (top-k)", Object.entries(m.neighbor_accuracy).map(([k, v]) => `${k}: ${fmt(v)}`).join(", ")]);
+  if (m.estimated_clusters) rows.push(["Clusters (estimated)", `${m.estimated_clusters.clusters} by ${m.estimated_clusters.criterion}`]);
   if (m.final_stage) rows.push(["Model kept", m.final_stage]);
   if (m.timings) rows.push(["Total time", duration(m.timings.total_seconds)]);
   return h("div", { class: "kv", id: "metrics" }, rows.filter(([, v]) => v !== undefined).map(([k, v]) => [h("span", { class: "muted", text: k }), h("span", { text: String(v) })]));
@@ -317,17 +340,19 @@ async function jobPage(id) {
     job.artifacts.some((a) => a.name === "gallery/clusters.json") ? h("a", { href: `#/jobs/${job.id}/clusters`, class: "button", id: "browse-clusters" }, "Browse the clusters →") : null);
   const charts = h("div", { class: "charts" });
   const confusion = h("div");
+  const estimate = h("div");
   const item = (a) => h("li", {}, h("button", { type: "button", class: "secondary", onclick: () => download(job, a.name).catch(fail) }, a.name),
     h("span", { class: "muted", text: ` ${bytes(a.size)}` }));
   const main = job.artifacts.filter((a) => !a.name.includes("/") || a.name.startsWith("model/"));
   const stageFiles = job.artifacts.filter((a) => !main.includes(a));
   const artifacts = h("div", {}, h("ul", {}, main.map(item)), stageFiles.length
-    ? h("details", {}, h("summary", { text: `Stage outputs (${stageFiles.length} files: checkpoints, neighbours, gallery)` }), h("ul", {}, stageFiles.map(item)))
+    ? h("details", { open: openOutputs.has(job.id), ontoggle: (e) => { if (e.target.open) openOutputs.add(job.id); else openOutputs.delete(job.id); } }, h("summary", { text: `Stage outputs (${stageFiles.length} files: checkpoints, neighbours, gallery)` }), h("ul", {}, stageFiles.map(item)))
     : null);
   show(`Job ${short(job.id)}`,
     h("section", { class: "card" }, h("p", {}, h("span", { class: `badge ${job.status}`, text: job.status }), ` ${job.type} on dataset ${short(job.dataset_id)}, preset ${job.params.preset || "–"}`),
       timeline, h("div", { class: "job-progress" }, ...jobProgress(job)), job.error ? h("p", { class: "error", role: "alert", text: `${job.error.title}: ${job.error.detail}` }) : null, actions),
     h("section", { class: "card" }, h("h2", { text: "Metrics" }), metricsTable(job.metrics)),
+    estimate,
     h("section", { class: "card" }, h("h2", { text: "Loss per epoch" }), charts),
     h("section", { class: "card" }, h("h2", { text: "Confusion matrix" }), confusion),
     h("section", { class: "card" }, h("h2", { text: "Downloads" }), artifacts));
@@ -336,6 +361,8 @@ async function jobPage(id) {
     const history = done && done.summary && done.summary.history;
     if (history && history.length) charts.append(lineChart(stage, history.map((e) => e.loss)));
   }
+  const est = job.artifacts.some((a) => a.name === "estimate/estimate.json") ? await artifactJSON(job, "estimate/estimate.json").catch(() => null) : null;
+  if (est) estimate.replaceWith(estimateSection(est));
   if (!charts.children.length) charts.append(h("p", { class: "muted", text: "No finished stage yet." }));
   const cm = await artifactJSON(job, "confusion_matrix.json").catch(() => null);
   confusion.replaceChildren(cm ? heatmap(cm) : h("p", { class: "muted", text: "Only for data sets with labels, once evaluated." }));

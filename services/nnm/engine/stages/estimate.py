@@ -1,0 +1,109 @@
+"""Stage between mining and clustering: estimate the number of clusters when it is not given."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..augment import Normalize
+from ..checkpoint import StageDir, atomic_write_json
+from ..config import EstimateConfig, RuntimeConfig
+from ..data import ImageSet
+from ..errors import DatasetError
+from ..estimate import eigengap_estimate, modularity_estimate, silhouette_estimate
+from ..model_io import compute_outputs, load_pretext
+from ..progress import ProgressSink
+from ..runtime import Runtime
+from ..visualize import criterion_curve_png
+from .common import file_digest
+
+STAGE = "estimate"
+
+
+def candidate_range(cfg: EstimateConfig, num_images: int) -> tuple[int, int]:
+    """The K range actually searched: the configured one, capped so every cluster could hold two images."""
+    k_max = min(cfg.max_clusters, num_images // 2)
+    if k_max < cfg.min_clusters:
+        raise DatasetError(
+            f"the dataset has {num_images} images, too few to look for at least {cfg.min_clusters} clusters"
+        )
+    return cfg.min_clusters, k_max
+
+
+def mined_features(pretext_dir: Path, data: ImageSet, rt: Runtime, feature: str) -> np.ndarray:
+    """The pretext model's `feature` output (head or backbone) for every image, as mining computed it."""
+    backbone, contrastive, info = load_pretext(pretext_dir)
+    net: torch.nn.Module = contrastive if (feature == "head" and contrastive is not None) else backbone
+    with torch.no_grad():
+        return compute_outputs(rt.prepare(net).eval(), data.images, Normalize(info.mean, info.std), rt, 512).numpy()
+
+
+def run_estimate(
+    cfg: EstimateConfig,
+    data: ImageSet,
+    pretext_dir: Path | str,
+    mine_dir: Path | str,
+    out_dir: Path | str,
+    runtime_cfg: RuntimeConfig | None = None,
+    sink: ProgressSink | None = None,
+    feature: str = "head",
+) -> dict[str, Any]:
+    """Write `estimate.json` (the estimate, the criterion's curve over K) and `curve.png`; return the summary.
+
+    `feature` names the pretext output whose k-means partitions are scored (the mined one: head or backbone).
+    """
+    sink = sink or ProgressSink()
+    rt = Runtime(runtime_cfg or RuntimeConfig())
+    pretext_dir, mine_dir, out = Path(pretext_dir), Path(mine_dir), Path(out_dir)
+    k_min, k_max = candidate_range(cfg, len(data))
+    stage = StageDir(
+        out,
+        STAGE,
+        {
+            "config": cfg.model_dump(mode="json"),
+            "seed": rt.seed,
+            "feature": feature,
+            "data": data.fingerprint(),
+            "pretext": file_digest(pretext_dir / "model.pt"),
+            "neighbors": file_digest(mine_dir / "neighbors.npy"),
+        },
+    )
+    done = stage.completed()
+    if done is not None:
+        return done
+    neighbors = np.load(mine_dir / "neighbors.npy")
+    if neighbors.shape[0] != len(data):
+        raise DatasetError(f"the mined neighbours cover {neighbors.shape[0]} images, the dataset has {len(data)}")
+    sink.stage_started(STAGE, 1, 1)
+    started = time.perf_counter()
+    if cfg.criterion == "eigengap":
+        est = eigengap_estimate(neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed)
+    else:
+        features = mined_features(pretext_dir, data, rt, feature)
+        if cfg.criterion == "modularity":
+            est = modularity_estimate(features, neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed)
+        else:
+            est = silhouette_estimate(features, k_min, k_max, cfg.sample, rt.seed)
+    summary: dict[str, Any] = {
+        "clusters": est.k,
+        "criterion": est.criterion,
+        "min_clusters": k_min,
+        "max_clusters": k_max,
+        "curve": {str(k): v for k, v in est.curve.items()},
+        "num_images": len(data),
+        "seconds": round(time.perf_counter() - started, 2),
+        **est.details,
+    }
+    if data.has_labels:  # for reference only: the estimate never sees labels
+        summary["num_classes"] = data.num_classes
+    atomic_write_json(out / "estimate.json", summary)
+    title = f"{est.criterion}: estimated {est.k} clusters"
+    criterion_curve_png(est.curve, est.k, est.criterion, out / "curve.png", title=title)
+    stage.mark_done(summary)
+    sink.stage_finished(STAGE, summary)
+    sink.message(f"estimate: {est.k} clusters ({est.criterion}, searched {k_min}..{k_max})")
+    return summary
