@@ -7,9 +7,9 @@ the key named instead of being silently ignored.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -183,7 +183,7 @@ class ClusterConfig(Strict):
     method: Literal["scan", "nnm"] = "nnm"
     #: Number of clusters (None: the number of classes of a labelled dataset; "auto": estimated from the
     #: mined neighbours by the pipeline's estimate stage, see `EstimateConfig`).
-    clusters: Annotated[int, Field(ge=2)] | Literal["auto"] | None = None
+    clusters: int | Literal["auto"] | None = None
     heads: int = Field(3, ge=1)
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(200, ge=2)
@@ -201,6 +201,18 @@ class ClusterConfig(Strict):
     global_matching: bool = True
     cluster_temperature: float = Field(1.0, gt=0)
     augment: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
+
+    @field_validator("clusters", mode="before")
+    @classmethod
+    def _clusters(cls, value: Any) -> Any:
+        # One message per mistake (a bare union would report one error per member of the union).
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a number of clusters (at least 2) or 'auto', got {value!r}")
+        if value < 2:
+            raise ValueError("Input should be greater than or equal to 2")
+        return value
 
 
 class EstimateConfig(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,20 @@ def run_estimate(
     out_dir: Path | str,
     runtime_cfg: RuntimeConfig | None = None,
     sink: ProgressSink | None = None,
-    feature: str = "head",
+    feature: str | None = None,
 ) -> dict[str, Any]:
     """Write `estimate.json` (the estimate, the criterion's curve over K) and `curve.png`; return the summary.
 
-    `feature` names the pretext output whose k-means partitions are scored (the mined one: head or backbone).
+    `feature` names the pretext output whose k-means partitions are scored (None: the one the mine stage
+    used, from its `metrics.json`; the partitions must live in the space the neighbours were mined in).
     """
     sink = sink or ProgressSink()
     rt = Runtime(runtime_cfg or RuntimeConfig())
     pretext_dir, mine_dir, out = Path(pretext_dir), Path(mine_dir), Path(out_dir)
     k_min, k_max = candidate_range(cfg, len(data))
+    if feature is None:
+        mined = mine_dir / "metrics.json"
+        feature = json.loads(mined.read_text()).get("feature", "head") if mined.exists() else "head"
     stage = StageDir(
         out,
         STAGE,
