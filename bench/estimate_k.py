@@ -25,20 +25,24 @@ def compare_criteria(run: Path, dataset: str, seed: int, k_max: int) -> dict[str
     """Estimate K on a finished run's outputs with every criterion and graph size (labels unused)."""
     from nnm.engine.config import RuntimeConfig
     from nnm.engine.data import load_dataset
-    from nnm.engine.estimate import eigengap_estimate, modularity_estimate, silhouette_estimate
+    from nnm.engine.estimate import eigengap_estimate, kmeans_partitions, modularity_estimate, silhouette_estimate
     from nnm.engine.runtime import Runtime
-    from nnm.engine.stages.estimate import mined_features
+    from nnm.engine.stages.estimate import mined_feature
+    from nnm.engine.stages.mine import pretext_features
 
     cfg = json.loads((run / "config.json").read_text())
     neighbors = np.load(run / "mine" / "neighbors.npy")
     data = load_dataset(dataset, cfg["data"]["split"], cfg["data"]["image_size"], cfg["data"]["root"])
-    features = mined_features(run / "pretext", data, Runtime(RuntimeConfig.model_validate(cfg["runtime"])),
-                              cfg["mine"]["feature"])
-    out: dict[str, dict] = {}
+    rt = Runtime(RuntimeConfig.model_validate(cfg["runtime"]))
+    features = pretext_features(run / "pretext", data, rt, mined_feature(run / "mine"))[0].numpy()
+    t0 = time.perf_counter()
+    parts = dict(kmeans_partitions(features, range(2, k_max + 1), seed))  # one fit scores both criteria
+    kmeans_s = time.perf_counter() - t0
+    out: dict[str, dict] = {"kmeans": {"seconds": round(kmeans_s, 2)}}
     runs = [(f"eigengap-{k}nn", lambda k=k: eigengap_estimate(neighbors, 2, k_max, k, seed)) for k in (5, 10, 20)
             if k < neighbors.shape[1]]
-    runs += [("modularity", lambda: modularity_estimate(features, neighbors, 2, k_max, None, seed)),
-             ("silhouette", lambda: silhouette_estimate(features, 2, k_max, 4000, seed))]
+    runs += [("modularity", lambda: modularity_estimate(features, neighbors, 2, k_max, None, seed, parts)),
+             ("silhouette", lambda: silhouette_estimate(features, 2, k_max, 4000, seed, parts))]
     for name, fn in runs:
         t0 = time.perf_counter()
         est = fn()
@@ -80,15 +84,17 @@ def estimate_only(dataset: str, seed: int, preset: str, settings: list[str], out
         apply_override(overrides, kv)
     cfg = resolve_config(dataset, preset, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
+    # A finished `nnm pipeline` run in `out` (same dataset, seed and preset) lends its pretext model and
+    # neighbours (their stages resume); its own config.json is kept.
+    if not (out / "config.json").exists():
+        atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
     from nnm.engine.data import load_dataset
 
     data = load_dataset(dataset, cfg.data.split, cfg.data.image_size, cfg.data.root)
     rt = cfg.runtime
     pre = run_pretext(cfg.pretext, data, out / "pretext", rt)
     mine = run_mine(cfg.mine, data, out / "pretext", out / "mine", rt)
-    est = run_estimate(cfg.estimate, data, out / "pretext", out / "mine", out / "estimate", rt,
-                       feature=cfg.mine.feature)
+    est = run_estimate(cfg.estimate, data, out / "pretext", out / "mine", out / "estimate", rt)
     return {"dataset": dataset, "seed": seed, "preset": preset, "set": settings, "k": est["clusters"],
             "criterion": est["criterion"], "num_classes": est.get("num_classes"), "max_clusters": est["max_clusters"],
             "estimate_s": est["seconds"], "pretext_s": round(sum(h["seconds"] for h in pre["history"]), 1),

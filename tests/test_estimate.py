@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from nnm.engine.config import EstimateConfig, PipelineConfig
 from nnm.engine.data import ImageSet
-from nnm.engine.errors import ConfigError, DatasetError
+from nnm.engine.errors import CheckpointError, ConfigError, DatasetError
 from nnm.engine.estimate import (
     eigengap_estimate,
+    kmeans_partitions,
     knn_graph,
     laplacian_spectrum,
     modularity,
@@ -91,6 +92,20 @@ def test_modularity_finds_the_number_of_groups_on_the_mined_graph():
     assert est.curve[6] > est.curve[5] and est.curve[6] > est.curve[7]
 
 
+def test_criteria_can_share_one_set_of_partitions():
+    """Partitions fitted once (as the benchmark does) give each criterion the curve it computes alone,
+    restricted to its own range."""
+    x = blobs(6, 70, seed=4)
+    nb, _ = knn(x, 10)
+    parts = dict(kmeans_partitions(x, range(2, 16), seed=0))
+    alone = modularity_estimate(x, nb, 2, 15)
+    shared = modularity_estimate(x, nb, 3, 12, partitions=parts)
+    assert sorted(shared.curve) == list(range(3, 13))
+    assert all(shared.curve[k] == pytest.approx(alone.curve[k]) for k in shared.curve)
+    sil = silhouette_estimate(x, 2, 15, sample=400, partitions=parts)
+    assert sil.curve == pytest.approx(silhouette_estimate(x, 2, 15, sample=400).curve) and sil.k == 6
+
+
 def test_modularity_values():
     # Two triangles joined by one edge: the natural split scores 5/14, putting everything in one cluster 0.
     edges = [(0, 1), (1, 2), (0, 2), (3, 4), (4, 5), (3, 5), (2, 3)]
@@ -158,3 +173,7 @@ def test_estimate_stage_writes_its_curve_and_resumes(tmp_path):
     assert again == summary and (out / "estimate.json").stat().st_mtime_ns == written
     with pytest.raises(Exception, match="other settings"):
         run_estimate(EstimateConfig(criterion="eigengap", max_clusters=10), data, pre, mine, out, RuntimeConfig())
+    # The partition criteria score features in the space the neighbours were mined in, read from the
+    # mine stage's record; without one the stage says so rather than guessing.
+    with pytest.raises(CheckpointError, match="left no record of its feature"):
+        run_estimate(EstimateConfig(max_clusters=20), data, pre, mine, tmp_path / "other", RuntimeConfig())

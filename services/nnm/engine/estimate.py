@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import ConfigError, DatasetError
+
 
 @dataclass
 class KEstimate:
@@ -138,29 +140,41 @@ def modularity(adj, labels: np.ndarray) -> float:
 
 def modularity_estimate(
     features: np.ndarray, neighbors: np.ndarray, k_min: int = 2, k_max: int = 50, k: int | None = None,
-    seed: int = 0,
+    seed: int = 0, partitions: dict[int, np.ndarray] | None = None,
 ) -> KEstimate:
-    """K in [k_min, k_max] whose k-means partition of the features has the highest modularity on the mined graph."""
+    """K in [k_min, k_max] whose k-means partition of the features has the highest modularity on the mined graph.
+
+    `partitions` (K -> labels from `kmeans_partitions`) saves refitting when several criteria score one set.
+    """
     _check_range(k_min, k_max, len(features))
     if len(features) != neighbors.shape[0]:
         raise ValueError("features and neighbours cover different numbers of images")
     adj = knn_graph(neighbors, k)
-    curve = {kk: modularity(adj, labels) for kk, labels in kmeans_partitions(features, range(k_min, k_max + 1), seed)}
+    ks = range(k_min, k_max + 1)
+    parts = partitions.items() if partitions is not None else kmeans_partitions(features, ks, seed)
+    curve = {kk: modularity(adj, labels) for kk, labels in parts if kk in ks}
     best = max(curve, key=lambda kk: (curve[kk], -kk))
     return KEstimate(best, "modularity", curve)
 
 
 def silhouette_estimate(
-    features: np.ndarray, k_min: int = 2, k_max: int = 50, sample: int = 4000, seed: int = 0
+    features: np.ndarray, k_min: int = 2, k_max: int = 50, sample: int = 4000, seed: int = 0,
+    partitions: dict[int, np.ndarray] | None = None,
 ) -> KEstimate:
-    """K in [k_min, k_max] whose k-means partition of the L2-normalised features has the best silhouette."""
+    """K in [k_min, k_max] whose k-means partition of the L2-normalised features has the best silhouette.
+
+    `partitions` as for `modularity_estimate`.
+    """
     from sklearn.metrics import silhouette_score
 
     _check_range(k_min, k_max, len(features))
     x = normalized(features)
     scored = np.random.default_rng(seed).choice(len(x), size=min(sample, len(x)), replace=False)
+    ks = range(k_min, k_max + 1)
     curve = {}
-    for kk, labels in kmeans_partitions(x, range(k_min, k_max + 1), seed):
+    for kk, labels in partitions.items() if partitions is not None else kmeans_partitions(x, ks, seed):
+        if kk not in ks:
+            continue
         if len(np.unique(labels[scored])) < 2:
             curve[kk] = -1.0
             continue
@@ -170,8 +184,6 @@ def silhouette_estimate(
 
 
 def _check_range(k_min: int, k_max: int, n: int) -> None:
-    from .errors import ConfigError, DatasetError
-
     if not 2 <= k_min <= k_max:
         raise ConfigError(f"the range of clusters to consider must satisfy 2 <= min <= max, got {k_min}..{k_max}")
     if k_max + 1 >= n:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
+from .metrics import sizes_and_confidence
 
 #: The gallery's files, in the order they are written (the summary last: its presence means complete).
 GALLERY_FILES = ("thumbnails.npy", "index.npz", "clusters.json")
@@ -30,14 +31,11 @@ def cluster_overview(
     pred: np.ndarray, conf: np.ndarray, clusters: int, labels: np.ndarray | None, class_names: list[str] | None
 ) -> list[dict[str, Any]]:
     """Size, mean confidence and (with labels) majority class and purity of every cluster."""
+    sizes, mean_conf = sizes_and_confidence(pred, conf, clusters)
     rows = []
     for c in range(clusters):
         members = np.nonzero(pred == c)[0]
-        row: dict[str, Any] = {
-            "cluster": c,
-            "size": int(members.size),
-            "mean_confidence": round(float(conf[members].mean()), 4) if members.size else 0.0,
-        }
+        row: dict[str, Any] = {"cluster": c, "size": int(sizes[c]), "mean_confidence": round(mean_conf[c], 4)}
         if labels is not None and members.size:
             counts = np.bincount(labels[members], minlength=len(class_names or []) or int(labels.max()) + 1)
             top = int(counts.argmax())

@@ -75,13 +75,19 @@ def clustering_metrics(probs: np.ndarray, target: np.ndarray, class_names: list[
     }
 
 
+def sizes_and_confidence(pred: np.ndarray, conf: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """Images per cluster and their mean confidence (0.0 for an empty cluster)."""
+    sizes = np.bincount(pred, minlength=k)
+    totals = np.bincount(pred, weights=conf.astype(np.float64), minlength=k)
+    return sizes, [float(totals[c] / sizes[c]) if sizes[c] else 0.0 for c in range(k)]
+
+
 def cluster_summary(probs: np.ndarray) -> dict[str, Any]:
     """Label-free summary: cluster sizes and mean confidence per cluster."""
     pred = probs.argmax(axis=1)
     conf = probs.max(axis=1)
     k = probs.shape[1]
-    sizes = np.bincount(pred, minlength=k)
-    mean_conf = [float(conf[pred == c].mean()) if sizes[c] else 0.0 for c in range(k)]
+    sizes, mean_conf = sizes_and_confidence(pred, conf, k)
     return {
         "num_clusters": int(k),
         "cluster_sizes": sizes.tolist(),

@@ -99,8 +99,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     mine_summary = summary
     estimate = None
     if auto_k:
-        estimate = run_estimate(cfg.estimate, data, out / "pretext", out / "mine", out / "estimate", rt, sink,
-                                feature=cfg.mine.feature)
+        estimate = run_estimate(cfg.estimate, data, out / "pretext", out / "mine", out / "estimate", rt, sink)
         timings["estimate"] = {"seconds": estimate["seconds"]}
         k = int(estimate["clusters"])
     cluster_cfg = cfg.cluster.model_copy(update={"clusters": k})

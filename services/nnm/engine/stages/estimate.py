@@ -8,19 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..augment import Normalize
 from ..checkpoint import StageDir, atomic_write_json
 from ..config import EstimateConfig, RuntimeConfig
 from ..data import ImageSet
-from ..errors import DatasetError
+from ..errors import CheckpointError, DatasetError
 from ..estimate import eigengap_estimate, modularity_estimate, silhouette_estimate
-from ..model_io import compute_outputs, load_pretext
 from ..progress import ProgressSink
 from ..runtime import Runtime
 from ..visualize import criterion_curve_png
 from .common import file_digest
+from .mine import pretext_features
 
 STAGE = "estimate"
 
@@ -35,12 +33,12 @@ def candidate_range(cfg: EstimateConfig, num_images: int) -> tuple[int, int]:
     return cfg.min_clusters, k_max
 
 
-def mined_features(pretext_dir: Path, data: ImageSet, rt: Runtime, feature: str) -> np.ndarray:
-    """The pretext model's `feature` output (head or backbone) for every image, as mining computed it."""
-    backbone, contrastive, info = load_pretext(pretext_dir)
-    net: torch.nn.Module = contrastive if (feature == "head" and contrastive is not None) else backbone
-    with torch.no_grad():
-        return compute_outputs(rt.prepare(net).eval(), data.images, Normalize(info.mean, info.std), rt, 512).numpy()
+def mined_feature(mine_dir: Path) -> str:
+    """The pretext output ("head" or "backbone") the mine stage searched neighbours in."""
+    try:
+        return json.loads((mine_dir / "metrics.json").read_text())["feature"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"the mine stage in {mine_dir} left no record of its feature: run it again") from e
 
 
 def run_estimate(
@@ -51,20 +49,17 @@ def run_estimate(
     out_dir: Path | str,
     runtime_cfg: RuntimeConfig | None = None,
     sink: ProgressSink | None = None,
-    feature: str | None = None,
 ) -> dict[str, Any]:
     """Write `estimate.json` (the estimate, the criterion's curve over K) and `curve.png`; return the summary.
 
-    `feature` names the pretext output whose k-means partitions are scored (None: the one the mine stage
-    used, from its `metrics.json`; the partitions must live in the space the neighbours were mined in).
+    The k-means partitions are scored in the space the neighbours were mined in: the pretext output that
+    the mine stage recorded in its `metrics.json`.
     """
     sink = sink or ProgressSink()
     rt = Runtime(runtime_cfg or RuntimeConfig())
     pretext_dir, mine_dir, out = Path(pretext_dir), Path(mine_dir), Path(out_dir)
     k_min, k_max = candidate_range(cfg, len(data))
-    if feature is None:
-        mined = mine_dir / "metrics.json"
-        feature = json.loads(mined.read_text()).get("feature", "head") if mined.exists() else "head"
+    feature = None if cfg.criterion == "eigengap" else mined_feature(mine_dir)  # eigengap reads the graph only
     stage = StageDir(
         out,
         STAGE,
@@ -88,7 +83,7 @@ def run_estimate(
     if cfg.criterion == "eigengap":
         est = eigengap_estimate(neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed)
     else:
-        features = mined_features(pretext_dir, data, rt, feature)
+        features = pretext_features(pretext_dir, data, rt, feature)[0].numpy()
         if cfg.criterion == "modularity":
             est = modularity_estimate(features, neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed)
         else:

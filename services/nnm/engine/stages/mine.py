@@ -30,6 +30,21 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def pretext_features(
+    pretext_dir: Path, data: ImageSet, rt: Runtime, feature: str, batch_size: int = 512
+) -> tuple[torch.Tensor, str]:
+    """Every image's pretext output that neighbours are mined in, and which output it was.
+
+    `feature` "head" takes the contrastive head's output, "backbone" the backbone's; a model saved
+    without a head gives the backbone's whatever was asked, and the returned name says so.
+    """
+    backbone, contrastive, info = load_pretext(pretext_dir)
+    use_head = feature == "head" and contrastive is not None
+    net: torch.nn.Module = contrastive if use_head else backbone
+    out = compute_outputs(rt.prepare(net).eval(), data.images, Normalize(info.mean, info.std), rt, batch_size)
+    return out, "head" if use_head else "backbone"
+
+
 def run_mine(
     cfg: MineConfig,
     data: ImageSet,
@@ -57,17 +72,14 @@ def run_mine(
     done = stage.completed()
     if done is not None:
         return done
-    backbone, contrastive, info = load_pretext(pretext_dir)
-    net: torch.nn.Module = contrastive if (cfg.feature == "head" and contrastive is not None) else backbone
-    net = rt.prepare(net).eval()
     sink.stage_started(STAGE, 1, 1)
     started = time.perf_counter()
-    features = compute_outputs(net, data.images, Normalize(info.mean, info.std), rt, cfg.batch_size)
+    features, feature = pretext_features(pretext_dir, data, rt, cfg.feature, cfg.batch_size)
     extract_s = time.perf_counter() - started
     neighbors, _ = knn(features, cfg.topk, device=rt.device, chunk=cfg.chunk_size)
     summary: dict[str, Any] = {
         "topk": cfg.topk,
-        "feature": "head" if net is contrastive else "backbone",
+        "feature": feature,
         "num_images": len(data),
         "seconds_features": extract_s,
         "seconds_search": time.perf_counter() - started - extract_s,
