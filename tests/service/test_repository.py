@@ -168,3 +168,76 @@ def test_migrations_match_the_models(store):
 
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_two_migrators_take_turns_on_postgres(tmp_path):
+    """`nnm migrate` (the Kubernetes migrate Job) and gateways with auto-migration may start together:
+    a migration waits for the advisory lock another migrator holds, then finds the schema current."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psycopg
+    from nnm.service.store.migrations import MIGRATION_LOCK
+
+    def nnm_migrate(url: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NNM_")}
+        env.update(NNM_DATABASE_URL=url, NNM_DATA_DIR=str(tmp_path))
+        return subprocess.Popen([sys.executable, "-m", "nnm.cli.main", "migrate"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    with postgres_database() as url:
+        dsn = url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtext(%s))", (MIGRATION_LOCK,))
+            waiting = nnm_migrate(url)
+            deadline = time.monotonic() + 120
+            while not holder.execute(  # it asks for the lock and waits ...
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()[0]:
+                assert waiting.poll() is None, f"it did not wait for the lock: {waiting.communicate()}"
+                assert time.monotonic() < deadline, "it never asked for the lock"
+                time.sleep(0.1)
+            assert holder.execute("SELECT to_regclass('public.jobs')").fetchone()[0] is None
+            holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", (MIGRATION_LOCK,))
+            _, err = waiting.communicate(timeout=120)  # ... and migrates once it is free
+            assert waiting.returncode == 0, err
+            assert holder.execute("SELECT to_regclass('public.jobs')::text").fetchone()[0] == "jobs"
+        # On an empty database, three at once (three pods): every one succeeds, one revision.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+        runs = [nnm_migrate(url) for _ in range(3)]
+        for run in runs:
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == 0, err
+        with psycopg.connect(dsn) as conn:
+            assert len(conn.execute("SELECT version_num FROM alembic_version").fetchall()) == 1
+            assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_the_gpu_autoscaler_query_counts_training_jobs_that_need_a_worker(store):
+    """deploy/k8s/overlays/gpu/keda.yaml: KEDA keeps one GPU worker per value of this query, so it must
+    count the training jobs queued, running or being cancelled, and nothing else."""
+    from pathlib import Path
+
+    import yaml
+    from sqlalchemy import text
+
+    keda = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "overlays" / "gpu" / "keda.yaml"
+    scaled = next(d for d in yaml.safe_load_all(keda.read_text()) if d["kind"] == "ScaledObject")
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+
+    def count() -> int:
+        with store.session() as s:
+            return int(s.execute(text(query)).scalar_one())
+
+    assert count() == 0
+    wanted = {"queued": 1, "running": 1, "cancelling": 1, "succeeded": 0, "failed": 0, "cancelled": 0}
+    for status in wanted:
+        for queue in ("gpu", "cpu"):
+            job = new_job(store)
+            with store.session() as s:
+                s.execute(update(JobRow).where(JobRow.id == job.id).values(status=status, queue=queue))
+    assert count() == sum(wanted.values()) == 3

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: Key of the Postgres advisory lock held while migrating (env.py): two migrators (the migrate Job run
+#: twice, gateways started with auto-migration) take turns, and the second finds the schema current.
+MIGRATION_LOCK = "nnm:schema-migration"
+
 
 def alembic_config(url: str):
     from alembic.config import Config
