@@ -36,3 +36,87 @@ def test_openapi_covers_the_api(tmp_path):
         assert path in paths, path
     text = json.dumps(spec).lower()
     assert "secret" not in text and "password" not in text
+
+
+def test_operation_ids_are_stable_names(tmp_path):
+    """Client generators name methods after operationIds: the route functions' names, unique, never
+    derived from the path (FastAPI's default changes whenever a path does)."""
+    import re
+
+    spec = build_openapi(tmp_path)
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert all(re.fullmatch(r"[a-z][a-z_]*[a-z]", i) for i in ids), ids
+    assert spec["paths"]["/v1/jobs"]["post"]["operationId"] == "create_job"
+    assert spec["paths"]["/v1/models/{model_id}/assign"]["post"]["operationId"] == "assign"
+
+
+def test_every_problem_is_declared_with_the_schema_the_server_sends(tmp_path):
+    spec = build_openapi(tmp_path)
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "HTTPValidationError" not in json.dumps(spec)
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            codes = {int(c) for c in op["responses"] if 400 <= int(c) < 600}
+            if path.startswith("/v1/"):
+                wanted = {401, 403, 422, 503} | ({404} if "{" in path else set())
+                wanted |= {400, 413} if "requestBody" in op else set()
+                assert wanted <= codes, f"{method} {path}: {sorted(wanted - codes)} undeclared"
+            for code in codes:
+                content = op["responses"][str(code)]["content"]
+                assert set(content) == {"application/problem+json"}, (method, path, code)
+                body = content["application/problem+json"]
+                assert body["schema"] == {"$ref": "#/components/schemas/Problem"}
+                assert body["example"]["status"] == code
+    assert spec["paths"]["/v1/jobs"]["post"]["responses"].keys() >= {"409", "429"}
+    assert "429" in spec["paths"]["/v1/datasets"]["post"]["responses"]
+
+
+def test_real_problems_match_the_declared_schema(tmp_path):
+    """Answers of the running app (no key, bad JSON, unknown job, validation) validate against the
+    document's Problem schema and carry the status they were declared with."""
+    import jsonschema
+    from fastapi.testclient import TestClient
+    from nnm.service.context import ServiceContext
+    from nnm.service.gateway.app import create_app
+    from nnm.service.settings import load_settings
+
+    spec = build_openapi(tmp_path / "doc")
+    problem = spec["components"]["schemas"]["Problem"]
+    ctx = ServiceContext.from_settings(load_settings(env={}, data_dir=tmp_path / "svc", auth="required"),
+                                       migrate=True)
+    from nnm.service.auth import KeyStore
+
+    key, _ = KeyStore(ctx.jobs).create("reader", ["read"])
+    try:
+        with TestClient(create_app(ctx, reconcile_interval_s=0)) as client:
+            auth = {"Authorization": f"Bearer {key}"}
+            answers = {
+                ("get", "/v1/jobs"): client.get("/v1/jobs"),
+                ("get", "/v1/jobs/{job_id}"): client.get("/v1/jobs/job_nope", headers=auth),
+                ("post", "/v1/jobs"): client.post("/v1/jobs", content=b"{nope", headers=auth),
+                ("get", "/v1/datasets"): client.get("/v1/datasets?limit=0", headers=auth),
+            }
+            for (method, path), r in answers.items():
+                assert r.headers["content-type"].startswith("application/problem+json"), r.text
+                body = r.json()
+                jsonschema.validate(body, problem)
+                assert body["status"] == r.status_code
+                assert str(r.status_code) in spec["paths"][path][method]["responses"], (method, path, r.status_code)
+            assert [r.status_code for r in answers.values()] == [401, 404, 403, 422]
+    finally:
+        ctx.close()
+
+
+def test_the_python_client_calls_only_documented_operations(tmp_path):
+    """services/nnm/service/client.py is hand-written: every request it makes is an operation of the
+    document (method and path template)."""
+    import re
+
+    spec = build_openapi(tmp_path)
+    source = (Path(__file__).resolve().parents[2] / "services" / "nnm" / "service" / "client.py").read_text()
+    calls = re.findall(r"self\.http\.(get|post|delete|put|patch)\(\s*f?\"([^\"]+)\"", source)
+    assert len(calls) >= 7, calls
+    templates = {(m, re.sub(r"\{[^}]+\}", "{}", p)) for p, ops in spec["paths"].items() for m in ops}
+    for method, path in calls:
+        assert (method, re.sub(r"\{[^}]+\}", "{}", path)) in templates, f"{method.upper()} {path} is not documented"

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
+from api_schemas import Problem
 from nnm import __version__
 
 from ..context import ServiceContext
@@ -137,7 +138,10 @@ def create_app(
             queue.close()
             ctx.close()
 
-    app = FastAPI(title="nnm", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # Operation ids are the route functions' names (create_job, list_datasets, ...): stable for client
+    # generators, unlike FastAPI's default built from the path.
+    app = FastAPI(title="nnm", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name)
     s = ctx.settings
     assigner = AssignBatcher(window_s=s.assign_batch_window_ms / 1000, max_batch=s.assign_max_batch,
                              max_queued_images=s.assign_queue_images)
@@ -154,5 +158,17 @@ def create_app(
     for router in (datasets_router, jobs_router, clusters_router, models_router, backbones_router):
         app.include_router(router, dependencies=[Depends(authenticate)])
     app.include_router(assign_router)  # authenticates inline: see routes_models
-
+    app.openapi = lambda: _document(app)  # type: ignore[method-assign]
     return app
+
+
+def _document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, built once: FastAPI's, with every problem+json answer declared."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        spec.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
+            ref_template="#/components/schemas/{model}")
+        app.openapi_schema = problems.declare_problems(spec)
+    return app.openapi_schema

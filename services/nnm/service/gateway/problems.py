@@ -33,6 +33,52 @@ TITLES = {
 }
 
 
+#: Problems every /v1 operation can answer: no or a bad key, a key without the scope, invalid input,
+#: a dependency (job store, artifact store) briefly down.
+COMMON_PROBLEMS = (401, 403, 422, 503)
+#: ... and every operation with a body: malformed JSON, a body over its limit.
+BODY_PROBLEMS = (400, 413)
+PROBLEM_EXAMPLES = {
+    400: ("urn:nnm:problem:malformed-json", "the request body is not valid JSON"),
+    401: ("urn:nnm:problem:unauthorized", "the API key is not valid"),
+    403: ("urn:nnm:problem:forbidden", "this API key lacks the 'write' scope"),
+    404: ("about:blank", "no job 'job_0123'"),
+    409: ("about:blank", "job 'job_0123' already ended"),
+    413: ("urn:nnm:problem:too-large", "the request body is larger than the limit of 1048576 bytes for this route"),
+    422: ("urn:nnm:problem:validation", "params.cluster.clusters: Input should be a valid integer"),
+    429: ("urn:nnm:problem:rate-limited", "upload rate limit of 10 per minute reached"),
+    503: ("urn:nnm:problem:database-unavailable", "the job store is unavailable; retry shortly"),
+}
+
+
+def declare_problems(spec: dict[str, Any]) -> dict[str, Any]:
+    """Declare on every /v1 operation the problem+json answers it can give, all with the `Problem`
+    schema the server sends (FastAPI's default 422 shape is never sent, so it is dropped)."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path, operations in spec["paths"].items():
+        for op in operations.values():
+            responses = op.setdefault("responses", {})
+            codes = {int(c) for c in responses if c.isdigit() and 400 <= int(c) < 600}
+            if path.startswith("/v1/"):
+                codes |= set(COMMON_PROBLEMS)
+                if "{" in path:
+                    codes.add(404)
+                if "requestBody" in op:
+                    codes |= set(BODY_PROBLEMS)
+            for code in sorted(codes):
+                entry = responses.setdefault(str(code), {})
+                type_, detail = PROBLEM_EXAMPLES.get(code, ("about:blank", TITLES.get(code, "Error")))
+                example = {"type": type_, "title": TITLES.get(code, "Error"), "status": code, "detail": detail,
+                           "instance": path}
+                entry.setdefault("description", TITLES.get(code, "Error"))
+                entry["content"] = {"application/problem+json": {
+                    "schema": {"$ref": "#/components/schemas/Problem"}, "example": example}}
+    return spec
+
+
+
 class ApiProblem(Exception):
     """Raise to answer with a problem+json body."""
 

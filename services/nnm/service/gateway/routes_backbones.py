@@ -56,7 +56,8 @@ def _check(path: Path, cfg: BackboneConfig, in_channels: int) -> None:
 
 
 @router.post("", status_code=201, response_model=BackboneOut, openapi_extra=UPLOAD_DOC,
-             summary="Upload backbone weights (a plain state dict) for `pretext.init`")
+             summary="Upload backbone weights (a plain state dict) for `pretext.init`",
+             responses={415: {"description": "Not multipart/form-data"}})
 async def upload_backbone(request: Request, gw: Annotated[Gateway, Depends(gateway)],
                           user: Annotated[str, Depends(owner)]) -> BackboneOut:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()

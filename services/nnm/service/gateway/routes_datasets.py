@@ -194,6 +194,7 @@ def _tmp_root(gw: Gateway) -> str:
     response_model=DatasetOut,
     openapi_extra=UPLOAD_DOC,
     summary="Upload a .zip of images, or register a built-in dataset",
+    responses={429: {"description": "The API key's upload rate limit is reached (Retry-After says when)"}},
 )
 async def create_dataset(
     request: Request, gw: Annotated[Gateway, Depends(gateway)], user: Annotated[str, Depends(owner)]

@@ -53,6 +53,7 @@ def enqueue(gw: Gateway, job_id: str, queue: str) -> None:
     responses={
         409: {"description": "Idempotency-Key still in flight, or an input job not finished"},
         422: {"description": "Invalid parameters or inputs"},
+        429: {"description": "The API key has as many queued or running jobs as its limit allows"},
     },
 )
 def create_job(

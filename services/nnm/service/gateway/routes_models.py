@@ -86,6 +86,7 @@ def get_model(
     response_model=list[Assignment],
     openapi_extra=ASSIGN_DOC | {"security": [{"HTTPBearer": []}]},
     summary="Cluster and confidence of each uploaded image",
+    responses={503: {"description": "Too many images waiting for the model (Retry-After: 1), or a store is down"}},
 )
 async def assign(model_id: str, request: Request) -> JSONResponse:
     user = (await caller(request)).owner
