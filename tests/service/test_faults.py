@@ -47,6 +47,11 @@ class Stack:
         proc.wait()
         for pid in child_processes_of(job_id) if job_id else []:
             os.kill(pid, signal.SIGKILL)
+        # SIGKILL is delivered asynchronously: on a loaded machine the child can still be listed for a
+        # moment. Wait for it to go (the callers then assert that nothing of the job is left).
+        deadline = time.monotonic() + 10
+        while job_id and child_processes_of(job_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def wait_for(self, job_id: str, predicate, timeout: float = 300, poll_s: float = 0.2) -> dict:
         deadline = time.monotonic() + timeout
