@@ -247,6 +247,44 @@ class GalleryImageDetail(_Model):
     neighbors: list[GalleryImage]
 
 
+#: What an API key may do: `read` (GET), `write` (everything else), `metrics` (Prometheus' /metrics),
+#: `admin` (/v1/admin: manage keys).
+KeyScope = Literal["read", "write", "metrics", "admin"]
+
+
+class KeyCreate(_Model):
+    """Body of POST /v1/admin/keys. Limits left out take the service's defaults."""
+
+    name: str = Field(..., min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$",
+                      examples=["ci-pipeline"])
+    scopes: list[KeyScope] = Field(default_factory=lambda: ["read", "write"], min_length=1, max_length=4)
+    max_running_jobs: int | None = Field(None, ge=1, le=10_000)
+    max_queued_jobs: int | None = Field(None, ge=1, le=1_000_000)
+    uploads_per_minute: int | None = Field(None, ge=1, le=100_000)
+
+
+class KeyOut(_Model):
+    """An API key's record (never the key: only its hash is kept)."""
+
+    id: str
+    name: str
+    scopes: list[str]
+    max_running_jobs: int | None = None
+    max_queued_jobs: int | None = None
+    uploads_per_minute: int | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class KeyCreated(KeyOut):
+    #: The key itself, shown in this answer only.
+    key: str
+
+
+class KeyList(_Model):
+    items: list[KeyOut]
+
+
 class Health(_Model):
     status: Literal["ok", "ready", "not ready"]
     checks: dict[str, str] = Field(default_factory=dict)

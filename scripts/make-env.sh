@@ -18,7 +18,7 @@ secret() {  # $1 random bytes, as hex
 }
 
 awk -v pg="$(secret 24)" -v root_user="nnm-root-$(secret 4)" -v root="$(secret 24)" \
-    -v s3_user="nnm-service" -v s3="$(secret 24)" '
+    -v s3_user="nnm-service" -v s3="$(secret 24)" -v admin="$(secret 32)" '
 BEGIN {
     value["POSTGRES_PASSWORD"] = pg
     value["MINIO_ROOT_USER"] = root_user
@@ -26,6 +26,7 @@ BEGIN {
     value["NNM_S3_ACCESS_KEY"] = s3_user
     value["NNM_S3_SECRET_KEY"] = s3
     value["NNM_AUTH"] = "required"
+    value["NNM_ADMIN_KEY"] = admin
     print "# Written by scripts/make-env.sh. Secrets: never commit this file; back it up with the volumes."
     print ""
 }

@@ -97,3 +97,44 @@ def test_config_prints_the_resolved_preset():
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
     assert cfg["pretext"]["epochs"] == 7 and cfg["runtime"]["seed"] == 4 and cfg["data"]["dataset"] == "digits"
+
+
+def test_remote_download_stays_inside_its_folder(tmp_path):
+    """An artifact name from the service cannot make `nnm remote download` write outside --out."""
+    from nnm.cli.remote import RemoteError, safe_target
+
+    assert safe_target(tmp_path, "model/model.pt") == tmp_path / "model" / "model.pt"
+    for hostile in ("../escape.txt", "/etc/passwd", "a/../../b", "a\\..\\b", ""):
+        with pytest.raises(RemoteError, match="not a relative path"):
+            safe_target(tmp_path, hostile)
+
+
+def test_remote_upload_zips_a_folder_with_its_layout(tmp_path):
+    """Class folders and train/test splits survive; hidden files and folders are left out; JPEGs are
+    stored as they are and raw formats compressed."""
+    import zipfile
+
+    from nnm.cli.remote import RemoteError, zip_folder
+
+    src = tmp_path / "set"
+    for rel in ("train/cat/1.jpg", "train/dog/2.png", "test/cat/3.bmp", ".hidden/4.png", "train/.DS_Store"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"\0" * 1000)
+    assert zip_folder(src, tmp_path / "set.zip") == 3
+    with zipfile.ZipFile(tmp_path / "set.zip") as zf:
+        infos = {i.filename: i.compress_type for i in zf.infolist()}
+    assert infos == {"test/cat/3.bmp": zipfile.ZIP_DEFLATED, "train/cat/1.jpg": zipfile.ZIP_STORED,
+                     "train/dog/2.png": zipfile.ZIP_STORED}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RemoteError, match="no files"):
+        zip_folder(tmp_path / "empty", tmp_path / "e.zip")
+
+
+def test_remote_watch_progress_counts_whole_stages():
+    from nnm.cli.remote import overall_fraction
+
+    stages = [{"name": n, "status": s} for n, s in (("pretext", "succeeded"), ("mine", "running"),
+                                                     ("cluster", "pending"), ("selflabel", "pending"))]
+    assert overall_fraction({"status": "running", "stages": stages, "progress": {"fraction": 0.5}}) == 0.375
+    assert overall_fraction({"status": "queued", "stages": [], "progress": None}) == 0.0
+    assert overall_fraction({"status": "succeeded", "stages": stages, "progress": None}) == 1.0

@@ -573,7 +573,7 @@ def test_make_env_fills_every_required_variable(dotenv: dict[str, str]) -> None:
     example = _env_example()
     assert list(dotenv) == list(example)
     changed = {k for k in example if example[k] != dotenv[k]}
-    assert changed <= {*SECRET_VARS, "NNM_AUTH"}, changed
+    assert changed <= {*SECRET_VARS, "NNM_AUTH", "NNM_ADMIN_KEY"}, changed
     for doc in (REPO / "README.md", REPO / "deploy" / "README.md", ENV_EXAMPLE):
         assert "bash scripts/make-env.sh > .env" in doc.read_text(), f"{doc.name} does not show the one-liner"
 
@@ -620,6 +620,21 @@ def test_keys_are_required_in_compose(dotenv: dict[str, str], tmp_path: Path) ->
     assert json.loads(out.stdout)["key"].startswith("nnm_")
     listed = subprocess.run([*cli[:3], "keys", "list"], env=env, capture_output=True, text=True, timeout=120)
     assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["admin"], listed.stderr
+
+
+def test_admin_key_reaches_the_gateway_only(dotenv: dict[str, str]) -> None:
+    """make-env.sh writes a random admin key; compose hands it to the gateway and to no worker."""
+    assert re.fullmatch(r"[0-9a-f]{64}", dotenv["NNM_ADMIN_KEY"])
+    assert _make_env()["NNM_ADMIN_KEY"] != dotenv["NNM_ADMIN_KEY"]
+    for gpu in (False, True):
+        services = _topology(dotenv, gpu)["services"]
+        settings = load_settings(_env(services["gateway"]))
+        assert settings.admin_key is not None and settings.admin_key.get_secret_value() == dotenv["NNM_ADMIN_KEY"]
+        for name in ("migrate", *(w for w in WORKERS if w in services)):
+            assert "NNM_ADMIN_KEY" not in _env(services[name]), name
+    # An old .env without one still starts: the admin API then needs a key with the admin scope.
+    old = {k: v for k, v in dotenv.items() if k != "NNM_ADMIN_KEY"}
+    assert load_settings(_env(_topology(old, False)["services"]["gateway"])).admin_key is None
 
 
 def test_service_uses_a_bucket_scoped_s3_user(dotenv: dict[str, str], tmp_path: Path) -> None:

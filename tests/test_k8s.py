@@ -157,6 +157,16 @@ def test_settings_secrets_and_migrations(overlay: str) -> None:
             assert set(env_of(c)) <= FIELDS - {"NNM_AUTH", "NNM_AUTO_MIGRATE"}, name
     job = objects[("Job", "nnm-migrate")]["spec"]["template"]["spec"]["containers"][0]
     assert job["command"] == ["nnm", "migrate"]
+    # The admin key reaches the gateway alone, from its own optional Secret.
+    assert set(secrets["nnm-admin"]["stringData"]) == {"admin-key"}
+    for name, template in pods(objects):
+        for c in template["spec"]["containers"]:
+            admin = [e for e in c.get("env", []) if e["name"] == "NNM_ADMIN_KEY"]
+            if name == "nnm-gateway":
+                assert admin == [{"name": "NNM_ADMIN_KEY", "valueFrom": {"secretKeyRef": {
+                    "name": "nnm-admin", "key": "admin-key", "optional": True}}}]
+            else:
+                assert admin == [], name
 
 
 def test_queues_and_device_per_overlay() -> None:

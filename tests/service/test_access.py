@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -15,6 +16,8 @@ from .conftest import digits_zip
 from .servers import postgres_database, start_gateway, stop
 
 pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "admin-" + "0123456789abcdef" * 3
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def secured(service_env, infra, tmp_path_factory):
         revoked, revoked_row = keys.create("old", ["read", "write"])
         keys.revoke(revoked_row.id)
         env = {**service_env, "NNM_DATABASE_URL": url, "NNM_AUTH": "required", "NNM_DATA_DIR": str(root),
-               "NNM_RECONCILE_INTERVAL_S": "0"}
+               "NNM_RECONCILE_INTERVAL_S": "0", "NNM_ADMIN_KEY": ADMIN_KEY}
         proc, base = start_gateway(env, root / "gateway.log")
         try:
             yield {"base": base, "jobs": jobs, "alice": alice, "alice_id": alice_row.id, "bob": bob,
@@ -122,3 +125,74 @@ def test_no_secrets_in_openapi_or_logs(secured):
     log = secured["log"].read_text()
     for key in (secured["alice"], secured["bob"], secured["reader"]):
         assert key not in log
+
+
+def test_admin_api_manages_keys(secured):
+    """The admin key creates a key over HTTP (no database access), the key works at once with the scopes
+    and limits asked for, shows up in the list without its secret, and stops working when revoked."""
+    admin = http(secured["base"], ADMIN_KEY)
+    r = admin.post("/v1/admin/keys", json={"name": "carol", "scopes": ["read"], "max_queued_jobs": 7})
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["key"].startswith("nnm_") and created["scopes"] == ["read"] and created["max_queued_jobs"] == 7
+    carol = http(secured["base"], created["key"])
+    assert carol.get("/v1/datasets").status_code == 200
+    assert carol.post("/v1/datasets", json={"builtin": "digits"}).status_code == 403  # read only
+    listed = admin.get("/v1/admin/keys").json()["items"]
+    mine = next(k for k in listed if k["id"] == created["id"])
+    assert mine["name"] == "carol" and mine["revoked_at"] is None and "key" not in mine
+    assert {"alice", "bob", "reader", "old"} <= {k["name"] for k in listed}
+    assert all("key" not in k and "key_hash" not in k for k in listed)
+    with secured["jobs"].session() as s:  # only the hash is stored
+        from nnm.service.store.db import ApiKeyRow
+
+        assert created["key"] not in str(s.get(ApiKeyRow, created["id"]).key_hash)
+    assert admin.delete(f"/v1/admin/keys/{created['id']}").status_code == 204
+    assert carol.get("/v1/datasets").status_code == 401
+    r = admin.delete(f"/v1/admin/keys/{created['id']}")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_admin_api_needs_the_admin_scope(secured):
+    """Anonymous: 401; a data key: 403; a wrong admin key: 401. The admin key itself reads no data."""
+    r = http(secured["base"], None).get("/v1/admin/keys")
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    for key in (secured["alice"], secured["reader"]):
+        r = http(secured["base"], key).post("/v1/admin/keys", json={"name": "escalate", "scopes": ["admin"]})
+        assert r.status_code == 403 and "admin" in r.json()["detail"]
+    assert http(secured["base"], ADMIN_KEY[:-1] + "x").get("/v1/admin/keys").status_code == 401
+    admin = http(secured["base"], ADMIN_KEY)
+    assert admin.get("/v1/datasets").status_code == 403
+    assert admin.get("/metrics").status_code == 403
+
+
+def test_admin_api_refuses_bad_requests(secured):
+    admin = http(secured["base"], ADMIN_KEY)
+    for body, field in (({"name": "x", "scopes": ["root"]}, "scopes"), ({"name": ""}, "name"),
+                        ({"name": "x", "scopes": []}, "scopes"), ({"name": "x", "max_running_jobs": 0}, "max_running"),
+                        ({"name": "x", "key_hash": "0" * 64}, "key_hash"), ({"name": "a\x00b"}, "name")):
+        r = admin.post("/v1/admin/keys", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json") and field in r.text
+    before = len(admin.get("/v1/admin/keys").json()["items"])
+    assert admin.post("/v1/admin/keys", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    assert len(admin.get("/v1/admin/keys").json()["items"]) == before  # nothing half written
+
+
+def test_remote_cli_manages_keys(secured):
+    """`nnm remote keys` with the admin key, then `nnm remote` with the key it printed."""
+    from .test_remote_cli import lines, nnm
+
+    made = nnm(secured["base"], "keys", "create", "--name", "dave", "--scopes", "read,write", "--max-running", "1",
+               key=ADMIN_KEY)
+    assert made.returncode == 0, made.stderr
+    dave = json.loads(made.stdout)
+    assert dave["max_running_jobs"] == 1 and "only its hash is kept" in made.stderr
+    assert nnm(secured["base"], "jobs", key=dave["key"]).returncode == 0
+    listed = nnm(secured["base"], "keys", "list", key=ADMIN_KEY)
+    assert dave["id"] in {k["id"] for k in lines(listed.stdout)}
+    denied = nnm(secured["base"], "keys", "list", key=dave["key"])
+    assert denied.returncode == 2 and "403" in denied.stderr
+    assert nnm(secured["base"], "keys", "revoke", dave["id"], key=ADMIN_KEY).returncode == 0
+    r = nnm(secured["base"], "jobs", key=dave["key"])
+    assert r.returncode == 2 and "401" in r.stderr

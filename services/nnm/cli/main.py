@@ -15,12 +15,14 @@ from typing import Any
 
 from nnm import __version__
 
+from . import remote
+
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
 
-def _add_common(p: argparse.ArgumentParser, dataset: bool = True, preset: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, dataset: bool = True, preset: bool = True, device: bool = True) -> None:
     if dataset:
         p.add_argument(
             "--dataset",
@@ -45,7 +47,8 @@ def _add_common(p: argparse.ArgumentParser, dataset: bool = True, preset: bool =
         p.add_argument("--min-clusters", type=int, help="with --clusters auto: fewest clusters considered (default 2)")
         p.add_argument("--max-clusters", type=int, help="with --clusters auto: most clusters considered (default 50)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
+    if device:
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -56,6 +59,21 @@ def _clusters_arg(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of clusters or 'auto', got {text!r}") from None
+
+
+def _add_key_actions(p: argparse.ArgumentParser) -> None:
+    """`create`, `list` and `revoke` under `nnm keys` and `nnm remote keys`."""
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("create", help="create a key and print it (it is shown only once)")
+    k.add_argument("--name", required=True)
+    k.add_argument("--scopes", default="read,write",
+                   help="comma-separated: read, write, metrics (Prometheus), admin (manage keys over HTTP)")
+    k.add_argument("--max-running", type=int, help="jobs this key may run at once")
+    k.add_argument("--max-queued", type=int, help="queued + running jobs this key may have")
+    k.add_argument("--uploads-per-minute", type=int)
+    keys.add_parser("list", help="list keys (never the keys themselves)")
+    k = keys.add_parser("revoke", help="revoke a key by id")
+    k.add_argument("key_id")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,16 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="manage the service's API keys (stored hashed in the job store)")
     p.add_argument("--data-dir", type=Path)
-    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    k = keys.add_parser("create", help="create a key and print it (it is shown only once)")
-    k.add_argument("--name", required=True)
-    k.add_argument("--scopes", default="read,write", help="comma-separated: read, write, metrics (Prometheus)")
-    k.add_argument("--max-running", type=int, help="jobs this key may run at once")
-    k.add_argument("--max-queued", type=int, help="queued + running jobs this key may have")
-    k.add_argument("--uploads-per-minute", type=int)
-    keys.add_parser("list", help="list keys (never the keys themselves)")
-    k = keys.add_parser("revoke", help="revoke a key by id")
-    k.add_argument("key_id")
+    _add_key_actions(p)
+
+    remote.add_parser(sub, lambda p, dataset: _add_common(p, dataset=dataset, device=False), _add_key_actions)
     return parser
 
 
@@ -258,7 +269,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             apply_override(data, f"{key}={getattr(args, flag)}")
     if args.seed is not None:
         apply_override(data, f"runtime.seed={args.seed}")
-    if args.device is not None:
+    if getattr(args, "device", None) is not None:
         apply_override(data, f"runtime.device={json.dumps(args.device)}")
     return data
 
@@ -286,10 +297,13 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "remote":
+        return remote.run(args, _overrides)
+
     from nnm.engine import data as data_mod
     from nnm.engine.pipeline import resolve_config, run_pipeline
 
-    cmd = args.command
     if cmd == "serve":
         return serve(args)
     if cmd == "migrate":

@@ -19,9 +19,12 @@ from sqlalchemy import delete, func, select
 from .store.db import ApiKeyRow, UploadEventRow, new_id, utcnow
 from .store.repository import JobStore
 
-#: `read` for GET, `write` for everything else, `metrics` for Prometheus' /metrics (global job counts).
-SCOPES = ("read", "write", "metrics")
+#: `read` for GET, `write` for everything else, `metrics` for Prometheus' /metrics (global job counts),
+#: `admin` for /v1/admin (creating and revoking keys).
+SCOPES = ("read", "write", "metrics", "admin")
 KEY_PREFIX = "nnm_"
+#: The shortest NNM_ADMIN_KEY the service accepts (a guessable admin key would open every other).
+MIN_ADMIN_KEY_CHARS = 32
 
 
 def hash_key(key: str) -> str:
@@ -39,7 +42,15 @@ class Principal:
     uploads_per_minute: int | None = None
 
 
-ANONYMOUS = Principal(owner="public", scopes=frozenset(SCOPES))
+#: Callers without a key where none is required: everything but the admin API, which always needs a key.
+ANONYMOUS = Principal(owner="public", scopes=frozenset(SCOPES) - {"admin"})
+#: The bearer of NNM_ADMIN_KEY: manages keys (the first one included), owns and sees no data.
+ADMIN = Principal(owner="admin", scopes=frozenset({"admin"}))
+
+
+def is_admin_key(key: str, admin_key: str | None) -> bool:
+    """Whether `key` is the configured NNM_ADMIN_KEY (compared as digests, in constant time)."""
+    return bool(admin_key) and hmac.compare_digest(hash_key(key), hash_key(admin_key))
 
 
 class KeyStore:

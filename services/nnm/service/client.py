@@ -48,11 +48,21 @@ class Client:
         body = {"builtin": name, **({"split": split} if split else {})}
         return self._check(self.http.post("/v1/datasets", json=body)).json()
 
-    def upload_dataset(self, path: Path, name: str | None = None) -> dict[str, Any]:
-        with open(path, "rb") as f:
+    def upload_dataset(self, path: Path, name: str | None = None,
+                       on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Upload a .zip of images; `on_bytes(n)` is called as each chunk of n bytes is sent."""
+        with open(path, "rb") as raw:
+            f = _Counting(raw, on_bytes) if on_bytes else raw
             files = {"file": (Path(path).name, f, "application/zip")}
             data = {"name": name} if name else {}
             return self._check(self.http.post("/v1/datasets", files=files, data=data)).json()
+
+    def datasets(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/datasets", params={"limit": limit})).json()["items"]
+
+    def jobs(self, limit: int = 50, status: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        return self._check(self.http.get("/v1/jobs", params=params)).json()["items"]
 
     def submit(
         self,
@@ -96,9 +106,69 @@ class Client:
             return self._check(httpx.get(r.headers["location"], timeout=60)).content
         return r.content
 
+    def download(self, job_id: str, name: str, dest: Path) -> int:
+        """Stream artifact `name` of a job into file `dest` (written whole or not at all); returns its size.
+        A redirect to S3 is followed without this client's API key."""
+        tmp = dest.with_name(dest.name + ".part")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=False) as r:
+            if r.status_code == 307:
+                with httpx.stream("GET", r.headers["location"], timeout=self.http.timeout) as s3:
+                    return _save(self._checked_stream(s3), tmp, dest)
+            return _save(self._checked_stream(r), tmp, dest)
+
+    def _checked_stream(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            r.read()
+            raise ApiError(r)
+        return r
+
+    def create_key(self, name: str, scopes: list[str], **limits: int | None) -> dict[str, Any]:
+        body = {"name": name, "scopes": scopes, **{k: v for k, v in limits.items() if v is not None}}
+        return self._check(self.http.post("/v1/admin/keys", json=body)).json()
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/admin/keys")).json()["items"]
+
+    def revoke_key(self, key_id: str) -> None:
+        self._check(self.http.delete(f"/v1/admin/keys/{key_id}"))
+
     def assign(self, model_id: str, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
         return self._check(self.http.post(f"/v1/models/{model_id}/assign", files=parts)).json()
 
     def close(self) -> None:
         self.http.close()
+
+
+class _Counting:
+    """A binary file that reports the bytes read from it (an upload's progress)."""
+
+    def __init__(self, raw: Any, on_bytes: Callable[[int], None]):
+        self.raw, self.on_bytes = raw, on_bytes
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.raw.read(size)
+        self.on_bytes(len(chunk))
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+
+def _save(r: httpx.Response, tmp: Path, dest: Path) -> int:
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_bytes(1 << 20):
+                f.write(chunk)
+                size += len(chunk)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return size

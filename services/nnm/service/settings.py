@@ -85,6 +85,10 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     #: API keys: "auto" requires them once one exists (`nnm keys create`), "required" always, "off" never.
     auth: str = Field("auto", pattern="^(auto|required|off)$")
+    #: A key with the `admin` scope only, from the deployment's secrets (at least 32 characters): it manages
+    #: keys through /v1/admin/keys, so that the first key needs no database access. Unset: only keys
+    #: created with the `admin` scope (`nnm keys create --scopes admin`) can.
+    admin_key: SecretStr | None = Field(None, min_length=32)
     #: Limits of keys that set none: running jobs, queued + running jobs, dataset uploads per minute.
     default_max_running_jobs: int = Field(2, ge=1)
     default_max_queued_jobs: int = Field(100, ge=1)

@@ -23,6 +23,7 @@ from .deps import Gateway, authenticate
 from .gallery_cache import GalleryCache
 from .guard import RequestGuard
 from .model_cache import ModelCache
+from .routes_admin import router as admin_router
 from .routes_backbones import router as backbones_router
 from .routes_clusters import router as clusters_router
 from .routes_datasets import router as datasets_router
@@ -158,6 +159,7 @@ def create_app(
     for router in (datasets_router, jobs_router, clusters_router, models_router, backbones_router):
         app.include_router(router, dependencies=[Depends(authenticate)])
     app.include_router(assign_router)  # authenticates inline: see routes_models
+    app.include_router(admin_router)  # needs the admin scope: see routes_admin
     app.openapi = lambda: _document(app)  # type: ignore[method-assign]
     return app
 

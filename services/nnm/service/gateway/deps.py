@@ -10,7 +10,7 @@ from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import ANONYMOUS, KeyStore, Principal, UploadLimiter, principal_of
+from ..auth import ADMIN, ANONYMOUS, KeyStore, Principal, UploadLimiter, is_admin_key, principal_of
 from ..context import ServiceContext
 from ..queue import JobQueue
 from .problems import ApiProblem
@@ -50,6 +50,10 @@ class Gateway:
         """Auto mode, no key seen yet, and the last look is over 5 s old (a new key takes effect within seconds)."""
         return (self.ctx.settings.auth == "auto" and not self._keys_exist
                 and time.monotonic() - self._keys_checked > 5.0)
+
+    def key_created(self) -> None:
+        """A key was created through this process: in auto mode, keys are required from now on."""
+        self._keys_exist = True
 
     async def keys_required_async(self) -> bool:
         """`keys_required` from the event loop: a worker thread only when the database must be asked."""
@@ -104,8 +108,8 @@ async def caller(request: Request) -> Principal:
     return _with_scope(request, principal)
 
 
-def _with_scope(request: Request, principal: Principal) -> Principal:
-    needed = "read" if request.method in {"GET", "HEAD", "OPTIONS"} else "write"
+def _with_scope(request: Request, principal: Principal, needed: str | None = None) -> Principal:
+    needed = needed or ("read" if request.method in {"GET", "HEAD", "OPTIONS"} else "write")
     if needed not in principal.scopes:
         raise ApiProblem(403, f"this API key lacks the '{needed}' scope", type_="urn:nnm:problem:forbidden")
     request.state.principal = principal
@@ -118,6 +122,9 @@ async def principal_for_key(gw: Gateway, key: str | None) -> Principal | str:
         if await gw.keys_required_async():
             return "an API key is required: send 'Authorization: Bearer <key>'"
         return ANONYMOUS
+    admin_key = gw.ctx.settings.admin_key
+    if admin_key is not None and is_admin_key(key, admin_key.get_secret_value()):
+        return ADMIN
     row = await run_in_threadpool(gw.keys.find, key)
     return "the API key is not valid" if row is None else principal_of(row)
 
@@ -141,3 +148,15 @@ async def owner(principal: Annotated[Principal, Depends(authenticate)]) -> str:
     """The identity that owns what this request creates and the only one that can see it (async: no
     worker thread per request for a field read)."""
     return principal.owner
+
+
+async def administrator(request: Request) -> Principal:
+    """The caller of the admin API: a key with the `admin` scope (or NNM_ADMIN_KEY), whatever NNM_AUTH says;
+    401 without a key, 403 with a key that lacks the scope."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        principal = await _principal_from_key(request.app.state.gateway, bearer_key(dict(request.scope["headers"])))
+    if principal is ANONYMOUS:
+        raise ApiProblem(401, "the admin API needs an API key with the 'admin' scope (or NNM_ADMIN_KEY)",
+                         type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)
+    return _with_scope(request, principal, "admin")
