@@ -83,6 +83,13 @@ class Settings(BaseModel):
     embedded_gpu_slots: int = Field(1, ge=1)
     embedded_cpu_slots: int = Field(1, ge=1)
     log_level: str = "INFO"
+    #: Log records as `text` (a terminal) or `json` (one object a line with job_id and request_id, for a
+    #: log collector; compose and deploy/k8s use it).
+    log_format: str = Field("text", pattern="^(text|json)$")
+    #: Port on which a Celery worker serves its Prometheus metrics (jobs by outcome, stage durations,
+    #: images/s, attempts, queue depth), on every interface of its container: 0 serves none. Unauthenticated,
+    #: like most exporters: publish it on the private network only (compose does not publish it).
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
     #: API keys: "auto" requires them once one exists (`nnm keys create`), "required" always, "off" never.
     auth: str = Field("auto", pattern="^(auto|required|off)$")
     #: A key with the `admin` scope only, from the deployment's secrets (at least 32 characters): it manages

@@ -14,6 +14,7 @@ from api_schemas import Problem
 from nnm import __version__
 
 from ..context import ServiceContext
+from ..logs import RequestIdMiddleware
 from ..queue import JobQueue, LocalQueue, make_queue
 from ..store.retention import RetentionSweeper
 from ..worker.reconciler import Reconciler
@@ -154,6 +155,9 @@ def create_app(
     app.add_middleware(RequestGuard, gateway=app.state.gateway, max_upload_bytes=ctx.settings.max_upload_bytes,
                        max_json_bytes=ctx.settings.max_json_bytes)
     _metrics(app, ctx)
+    # Outermost: every answer, the guard's refusals included, carries the request's id, and every
+    # record logged while handling it.
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
     app.include_router(ui_router)
     for router in (datasets_router, jobs_router, clusters_router, models_router, backbones_router):

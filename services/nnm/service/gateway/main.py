@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI
 
+from ..logs import configure_logging
 from ..settings import load_settings
 from .app import create_app
 
 
 def app() -> FastAPI:
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format, "gateway")
     return create_app()

@@ -114,6 +114,7 @@ def create_job(
             headers={"Retry-After": "1"},
         ) from None
     if created:
+        log.info("job %s submitted (%s on the %s queue)", row.id, row.type, queue, extra={"job_id": row.id})
         enqueue(gw, row.id, queue)
         row = gw.ctx.jobs.get_job(row.id)
     else:

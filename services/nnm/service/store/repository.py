@@ -436,6 +436,13 @@ class JobStore:
         with self.session() as s:
             return {status: n for status, n in s.execute(query)}
 
+    def count_active_by_queue(self) -> dict[tuple[str, str], int]:
+        """Active jobs per (queue, status): what a queue holds (the workers' queue-depth gauge)."""
+        query = (select(JobRow.queue, JobRow.status, func.count()).where(JobRow.status.in_(ACTIVE))
+                 .group_by(JobRow.queue, JobRow.status))
+        with self.session() as s:
+            return {(queue, status): n for queue, status, n in s.execute(query)}
+
     # ------------------------------------------------------------------ artifacts and models
 
     def add_artifacts(self, job_id: str, items: Sequence[tuple[str, str, int]], *, attempt: int,

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from ..queue import DEFER_S, QUEUES, TASK_NAME
 from ..settings import load_settings
@@ -102,6 +102,29 @@ class ShutdownFlag:
 
     def is_set(self) -> bool:
         return self.path.exists()
+
+
+@worker_init.connect
+def _set_up_logs_and_metrics(**_: object) -> None:
+    """In the worker's main process, before the pool forks: log format, and the directory where every
+    process of this worker writes its metrics (children inherit both)."""
+    from ..logs import configure_logging
+    from .metrics import prepare_multiprocess_dir
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, "worker")
+    if settings.worker_metrics_port:
+        prepare_multiprocess_dir(settings.work_dir, os.getpid())
+
+
+@worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    settings = load_settings()
+    if settings.worker_metrics_port:
+        from ..store.repository import JobStore
+        from .metrics import serve_metrics
+
+        serve_metrics(settings.worker_metrics_port, JobStore(settings.resolved_database_url))
 
 
 @worker_ready.connect

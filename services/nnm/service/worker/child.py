@@ -47,7 +47,12 @@ def die_with_parent() -> None:
 def main(argv: list[str]) -> int:
     job_id, attempt, workdir = argv[0], int(argv[1]), Path(argv[2])
     die_with_parent()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s child %(levelname)s %(message)s")
+    from ..logs import JOB_ID, configure_logging
+    from ..settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, "child")
+    JOB_ID.set(job_id)  # this process runs one job: every record carries its id
     # SIGTERM (cancel after the grace period, or worker shutdown) ends the process like Ctrl-C would.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     from nnm.engine.errors import Cancelled, NNMError

@@ -48,6 +48,8 @@ from ..retry import is_transient, retry_db
 from ..store.db import JobRow, utcnow
 from ..store.storage import download_items, download_prefix, upload_dir
 from .child import attempt_dir
+from .metrics import enabled as metrics_enabled
+from .metrics import worker_metrics
 
 log = logging.getLogger("nnm.worker")
 
@@ -121,6 +123,7 @@ class ServiceSink(ProgressSink):
     def __init__(self, ctx: ServiceContext, job: JobRow, attempt: int, out: Path, stages: list[str]):
         self.ctx, self.job_id, self.attempt, self.out = ctx, job.id, attempt, out
         self.stage: str | None = None
+        self.stage_t0: float | None = None
         self.parent = os.getppid()
         self.status = JobStatus.running.value
         self.last_write = 0.0
@@ -153,11 +156,14 @@ class ServiceSink(ProgressSink):
 
     def stage_started(self, stage: str, epochs: int, steps: int) -> None:
         self.stage = stage
+        self.stage_t0 = time.monotonic()
         self._set_stage(stage, "running")
         self._write({"stage": stage, "epoch": 0, "epochs": epochs, "step": 0, "steps": steps, "fraction": 0.0})
 
     def update(self, event: ProgressEvent) -> None:
         self.last_progress = event.as_dict()
+        if event.images_per_s and metrics_enabled():
+            worker_metrics().images_per_second.labels(event.stage).set(event.images_per_s)
         if time.monotonic() - self.last_write >= 1.0:
             self._write(self.last_progress)
 
@@ -170,6 +176,8 @@ class ServiceSink(ProgressSink):
             self.last_upload = time.monotonic()
 
     def stage_finished(self, stage: str, summary: dict[str, Any]) -> None:
+        if metrics_enabled() and self.stage_t0 is not None and stage == self.stage:
+            worker_metrics().stage_seconds.labels(stage).observe(time.monotonic() - self.stage_t0)
         directory = self.out / stage
         if directory.is_dir():
             self.upload(directory, f"{stage}")

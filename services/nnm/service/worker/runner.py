@@ -23,9 +23,12 @@ from sqlalchemy.exc import DBAPIError
 from api_schemas import JobStatus
 
 from ..context import ServiceContext
+from ..logs import job_context
 from ..retry import is_transient, retry_db
 from ..store.storage import StorageError
 from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK, attempt_dir
+from .metrics import enabled as metrics_enabled
+from .metrics import worker_metrics
 
 log = logging.getLogger("nnm.worker")
 
@@ -64,8 +67,32 @@ class ShutdownRequested(Exception):
     """The worker is stopping; the job was handed back to the queue."""
 
 
+#: The outcome an attempt's final status counts as in the worker metrics (None: another worker owns it).
+OUTCOMES = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled", "queued": "requeued",
+            None: "lost"}
+
+
 def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | None = None) -> str | None:
-    """Run `job_id` to a terminal state (or hand it back when `stop` is set). Returns the final status."""
+    """Run `job_id` to a terminal state (or hand it back when `stop` is set). Returns the final status.
+
+    Records logged meanwhile carry the job's id; a worker with metrics counts the attempt and its outcome.
+    """
+    started: dict[str, Any] = {}  # the attempt's queue and type, once this worker has claimed it
+    status: str | None = "queued"  # what a ShutdownRequested (handed back) counts as
+    t0 = time.monotonic()
+    with job_context(job_id):
+        try:
+            status = _execute(ctx, job_id, stop, started)
+            return status
+        finally:
+            if started and metrics_enabled():
+                m = worker_metrics()
+                outcome = OUTCOMES.get(status, "failed")
+                m.jobs_finished.labels(started["queue"], started["type"], outcome).inc()
+                m.job_seconds.labels(started["type"], outcome).observe(time.monotonic() - t0)
+
+
+def _execute(ctx: ServiceContext, job_id: str, stop: Any, started: dict[str, Any]) -> str | None:
     settings = ctx.settings
     name = worker_name()
     limit = retry_db(lambda: running_limit(ctx, job_id), f"limits of {job_id}")
@@ -76,6 +103,11 @@ def execute_job(ctx: ServiceContext, job_id: str, stop: threading.Event | Any | 
         log.info("job %s not started: %s", job_id, claim.reason)
         return claim.job.status if claim.job else None
     attempt = claim.attempt
+    if claim.job is not None:
+        started.update(queue=claim.job.queue, type=claim.job.type)
+        if metrics_enabled():
+            worker_metrics().jobs_started.labels(claim.job.queue, claim.job.type).inc()
+            worker_metrics().attempt.labels(claim.job.queue).observe(attempt)
     workdir = settings.work_dir / job_id
     # The attempt's own directory: a worker on this machine that lost the job (cut off from Postgres)
     # may still be writing in an older attempt's. This one resumes from the store, not from that.
