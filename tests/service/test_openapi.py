@@ -120,3 +120,42 @@ def test_the_python_client_calls_only_documented_operations(tmp_path):
     templates = {(m, re.sub(r"\{[^}]+\}", "{}", p)) for p, ops in spec["paths"].items() for m in ops}
     for method, path in calls:
         assert (method, re.sub(r"\{[^}]+\}", "{}", path)) in templates, f"{method.upper()} {path} is not documented"
+
+
+def test_params_are_typed_from_the_engine_config(tmp_path):
+    """`params` is documented with the engine's models (overrides: nothing required, unknown keys refused,
+    the worker's paths left out), and `config` as the engine's PipelineConfig; real settings validate."""
+    import jsonschema
+    from nnm.engine.config import PipelineConfig
+    from nnm.engine.pipeline import resolve_config
+    from nnm.engine.presets import PRESETS
+
+    from .conftest import FAST_PIPELINE
+
+    spec = build_openapi(tmp_path)
+    schemas = spec["components"]["schemas"]
+    assert schemas["JobCreate"]["properties"]["params"] == {"$ref": "#/components/schemas/JobParams"}
+    assert schemas["JobOut"]["properties"]["params"] == {"$ref": "#/components/schemas/JobParams"}
+    params = schemas["JobParams"]
+    assert set(params["properties"]) == {"preset", *PipelineConfig.model_fields}
+    assert params["properties"]["preset"]["enum"] == list(PRESETS)
+    for name, schema in schemas.items():
+        if name.endswith("Params") and name != "JobParams":
+            assert "required" not in schema and schema["additionalProperties"] is False, name
+    assert not {"root", "dataset"} & set(schemas["DataParams"]["properties"])
+
+    def validator(name):
+        return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **spec})
+
+    ok = validator("JobParams")
+    for good in (FAST_PIPELINE, params["examples"][0], {"cluster": {"clusters": 7}}, {}):
+        ok.validate(good)
+    for bad in ({"pretext": {"epoch": 3}}, {"preset": "turbo"}, {"data": {"root": "/etc"}},
+                {"pretext": {"epochs": -1}}, {"cluster": {"clusters": "many"}}, {"color": "blue"}):
+        assert not ok.is_valid(bad), bad
+    full = validator("PipelineConfig")
+    for preset in PRESETS:
+        config = resolve_config("digits", preset, {}).model_dump(mode="json")
+        full.validate(config)
+        ok.validate({k: v for k, v in config.items() if k != "data"})
+    ok.validate(schemas["JobCreate"]["examples"][0]["params"])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
+from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 log = logging.getLogger("nnm.retry")
 T = TypeVar("T")
@@ -21,15 +21,16 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def retry_db(fn: Callable[[], T], what: str, timeout_s: float = 600.0, first_delay_s: float = 0.5) -> T:
-    """Call `fn`, retrying with backoff while the database is unreachable, for up to `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    delay = first_delay_s
-    while True:
-        try:
-            return fn()
-        except DBAPIError as exc:
-            if not is_transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("%s: database unreachable (%s); retrying in %.1f s", what, exc.__class__.__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    """Call `fn`, retrying with exponential backoff (from `first_delay_s`, at most 5 s apart) while the
+    database is unreachable, for up to `timeout_s`; any other error, or the last one, is raised."""
+    retrying = Retrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, DBAPIError) and is_transient(exc)),
+        wait=wait_exponential(multiplier=first_delay_s, max=5.0),
+        stop=stop_before_delay(timeout_s),  # no attempt would start past the deadline
+        before_sleep=lambda state: log.warning(
+            "%s: database unreachable (%s); retrying in %.1f s", what,
+            state.outcome.exception().__class__.__name__ if state.outcome else "?",
+            state.next_action.sleep if state.next_action else 0.0),
+        reraise=True,
+    )
+    return retrying(fn)

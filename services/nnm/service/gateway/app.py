@@ -24,6 +24,7 @@ from .deps import Gateway, authenticate
 from .gallery_cache import GalleryCache
 from .guard import RequestGuard
 from .model_cache import ModelCache
+from .params_doc import document_params
 from .routes_admin import router as admin_router
 from .routes_backbones import router as backbones_router
 from .routes_clusters import router as clusters_router
@@ -176,5 +177,5 @@ def _document(app: FastAPI) -> dict[str, Any]:
         spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         spec.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
             ref_template="#/components/schemas/{model}")
-        app.openapi_schema = problems.declare_problems(spec)
+        app.openapi_schema = document_params(problems.declare_problems(spec))
     return app.openapi_schema
