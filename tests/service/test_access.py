@@ -196,3 +196,54 @@ def test_remote_cli_manages_keys(secured):
     assert nnm(secured["base"], "keys", "revoke", dave["id"], key=ADMIN_KEY).returncode == 0
     r = nnm(secured["base"], "jobs", key=dave["key"])
     assert r.returncode == 2 and "401" in r.stderr
+
+
+def test_a_generated_client_drives_the_api(secured, tmp_path):
+    """openapi-python-client generates a typed client from api_schemas/openapi.json; it submits, reads,
+    lists and cancels a job with typed params and config, manages keys, and gets problems as Problem."""
+    import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[2] / "api_schemas" / "openapi.json"
+    generator = Path(sys.executable).parent / "openapi-python-client"
+    out = subprocess.run([str(generator), "generate", "--path", str(spec), "--meta", "none",
+                          "--output-path", str(tmp_path / "nnm_client")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and (tmp_path / "nnm_client" / "api" / "jobs" / "create_job.py").exists(), out.stderr
+    sys.path.insert(0, str(tmp_path))
+    try:
+        gen = importlib.import_module("nnm_client")
+        api = {name: importlib.import_module(f"nnm_client.api.{name}") for name in ("jobs", "admin")}
+        jobs = {op: importlib.import_module(f"nnm_client.api.jobs.{op}")
+                for op in ("create_job", "get_job", "list_jobs", "cancel_job")}
+        admin = {op: importlib.import_module(f"nnm_client.api.admin.{op}")
+                 for op in ("create_key", "list_keys", "revoke_key")}
+        models = importlib.import_module("nnm_client.models")
+        assert api["jobs"] and api["admin"]
+        bob = gen.AuthenticatedClient(base_url=secured["base"], token=secured["bob"])
+        dataset = http(secured["base"], secured["bob"]).post("/v1/datasets", json={"builtin": "digits"}).json()
+        params = models.JobParams.from_dict({"preset": "quick", "pretext": {"epochs": 1}, "cluster": {"clusters": 10}})
+        job = jobs["create_job"].sync(client=bob, body=models.JobCreate(
+            type_=models.JobType.PRETEXT, dataset_id=dataset["id"], params=params))
+        assert isinstance(job, models.JobOut) and job.status == models.JobStatus.QUEUED
+        got = jobs["get_job"].sync(job.id, client=bob)
+        assert isinstance(got.params, models.JobParams) and got.params.preset == models.JobParamsPreset.QUICK
+        assert isinstance(got.config, models.PipelineConfig) and got.config.pretext.epochs == 1
+        assert job.id in [j.id for j in jobs["list_jobs"].sync(client=bob).items]
+        cancelled = jobs["cancel_job"].sync(job.id, client=bob)
+        assert cancelled.status in (models.JobStatus.CANCELLING, models.JobStatus.CANCELLED)
+        missing = jobs["get_job"].sync("job_" + "0" * 32, client=bob)
+        assert isinstance(missing, models.Problem) and missing.status == 404
+        root = gen.AuthenticatedClient(base_url=secured["base"], token=ADMIN_KEY)
+        key = admin["create_key"].sync(client=root, body=models.KeyCreate(
+            name="generated", scopes=[models.KeyCreateScopesItem.READ]))
+        assert isinstance(key, models.KeyCreated) and key.key.startswith("nnm_")
+        assert key.id in [k.id for k in admin["list_keys"].sync(client=root).items]
+        assert admin["revoke_key"].sync_detailed(key.id, client=root).status_code == 204
+        denied = admin["list_keys"].sync(client=bob)
+        assert isinstance(denied, models.Problem) and denied.status == 403
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m == "nnm_client" or m.startswith("nnm_client.")]:
+            del sys.modules[name]

@@ -150,9 +150,12 @@ async def owner(principal: Annotated[Principal, Depends(authenticate)]) -> str:
     return principal.owner
 
 
-async def administrator(request: Request) -> Principal:
+async def administrator(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
     """The caller of the admin API: a key with the `admin` scope (or NNM_ADMIN_KEY), whatever NNM_AUTH says;
-    401 without a key, 403 with a key that lacks the scope."""
+    401 without a key, 403 with a key that lacks the scope. (`credentials` declares the bearer scheme in
+    the OpenAPI document; the key is read from the headers, X-API-Key included.)"""
     principal = getattr(request.state, "principal", None)
     if principal is None:
         principal = await _principal_from_key(request.app.state.gateway, bearer_key(dict(request.scope["headers"])))

@@ -51,12 +51,26 @@ def _partial(schema: dict[str, Any], name: str) -> dict[str, Any]:
     return out
 
 
+def _const_as_enum(node: Any) -> None:
+    """`{"const": "auto"}` -> `{"enum": ["auto"]}`: the same values, and client generators (e.g.
+    openapi-python-client) parse a one-value enum inside `anyOf` where they mishandle a const."""
+    if isinstance(node, dict):
+        if "const" in node:
+            node["enum"] = [node.pop("const")]
+        for value in node.values():
+            _const_as_enum(value)
+    elif isinstance(node, list):
+        for value in node:
+            _const_as_enum(value)
+
+
 def document_params(spec: dict[str, Any]) -> dict[str, Any]:
     """Describe `JobCreate.params` and `JobOut.params` as `JobParams`, `JobOut.config` as `PipelineConfig`."""
     from nnm.engine.config import PipelineConfig
     from nnm.engine.presets import PRESETS
 
     full = PipelineConfig.model_json_schema(ref_template=REF + "{model}")
+    _const_as_enum(full)
     defs = full.pop("$defs", {})
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["PipelineConfig"] = full
