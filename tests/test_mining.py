@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from nnm.engine.errors import DatasetError
-from nnm.engine.mining import knn, nearest_other, neighbor_accuracy
+from nnm.engine.mining import exact_rows, knn, nearest_other, neighbor_accuracy, recall_at_k
 
 
 def brute_topk(x: torch.Tensor, k: int) -> np.ndarray:
@@ -48,3 +48,56 @@ def test_nearest_other_matches_brute_force():
     d = torch.cdist(x, x)
     d.fill_diagonal_(float("inf"))
     assert (nearest_other(x, chunk=37) == d.argmin(1).numpy()).all()
+
+
+def clustered(n: int, d: int, centers: int, seed: int = 0) -> torch.Tensor:
+    """Points around random centres: features with the structure an approximate index relies on."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, d, generator=g)
+    return c[torch.randint(centers, (n,), generator=g)] + 0.35 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("index, params", [("ivf", {"ivf_probe": 8}), ("hnsw", {"hnsw_m": 16, "ef_search": 64})])
+def test_approximate_index_finds_most_exact_neighbours(index, params):
+    x = clustered(4000, 32, 40)
+    exact, _ = knn(x, 20)
+    approx, sims = knn(x, 20, index=index, index_params=params, chunk=500)
+    assert approx.shape == (4000, 21) and (approx[:, 0] == np.arange(4000)).all()
+    assert all(i not in row[1:] for i, row in enumerate(approx))
+    assert recall_at_k(approx, exact) >= 0.9
+    assert (np.diff(sims[:, 1:], axis=1) <= 1e-6).all()
+    # Fewer probes find less: the knob does what it says.
+    if index == "ivf":
+        coarse, _ = knn(x, 20, index="ivf", index_params={"ivf_probe": 1, "ivf_lists": 64})
+        assert recall_at_k(coarse, exact) < recall_at_k(approx, exact)
+
+
+def test_recall_and_exact_rows_agree_with_brute_force():
+    x = clustered(1500, 16, 10, seed=1)
+    rows = np.array([0, 7, 1499, 300])
+    ref = brute_topk(x, 12)[rows]
+    got = exact_rows(x, rows, 12, chunk=3)
+    assert (got[:, 0] == rows).all()
+    assert (np.sort(got[:, 1:], axis=1) == np.sort(ref[:, 1:], axis=1)).all()
+    assert recall_at_k(got, ref) == 1.0
+    half = got.copy()
+    half[:, 7:] = -1  # 5 of 12 neighbours lost
+    assert abs(recall_at_k(half, ref) - 6 / 12) < 1e-9
+
+
+def test_mine_stage_reports_the_index_recall(tmp_path):
+    """`mine.index = ivf` on real digits: neighbours close to exact search's, recall in metrics.json."""
+    from nnm.engine.config import MineConfig, PretextConfig, RuntimeConfig
+    from nnm.engine.data import load_dataset
+    from nnm.engine.stages import run_mine, run_pretext
+
+    data = load_dataset("digits")
+    rt = RuntimeConfig(seed=0)
+    run_pretext(PretextConfig(epochs=1, batch_size=128, backbone={"arch": "resnet18-cifar", "width": 8}), data,
+                tmp_path / "pretext", rt)
+    exact = run_mine(MineConfig(topk=10), data, tmp_path / "pretext", tmp_path / "exact", rt)
+    approx = run_mine(MineConfig(topk=10, index="ivf", ivf_probe=4), data, tmp_path / "pretext", tmp_path / "ivf", rt)
+    assert exact["index"] == "exact" and "recall_at_topk" not in exact
+    assert approx["index"] == "ivf" and 0.5 <= approx["recall_at_topk"] <= 1.0
+    a, e = np.load(tmp_path / "ivf" / "neighbors.npy"), np.load(tmp_path / "exact" / "neighbors.npy")
+    assert abs(recall_at_k(a, e) - approx["recall_at_topk"]) < 0.1  # the 1,000-row sample estimates the whole

@@ -175,6 +175,15 @@ class MineConfig(Strict):
     batch_size: int = Field(512, ge=1)
     #: Queries per search call, so memory stays bounded on very large sets.
     chunk_size: int = Field(16384, ge=1)
+    #: exact, or an approximate faiss index for large sets: ivf (fast to build) or hnsw. The stage
+    #: reports the approximate index's recall against exact search on a sample of rows.
+    index: Literal["exact", "ivf", "hnsw"] = "exact"
+    #: IVF: inverted lists (None: about 4 sqrt(N)) and lists searched per query.
+    ivf_lists: int | None = Field(None, ge=1)
+    ivf_probe: int = Field(32, ge=1)
+    #: HNSW: links per node and the search beam.
+    hnsw_m: int = Field(32, ge=4, le=256)
+    ef_search: int = Field(128, ge=1)
 
 
 class ClusterConfig(Strict):

@@ -1,6 +1,14 @@
-"""Exact top-k neighbours on L2-normalised features (faiss on CPU or GPU, torch as fallback)."""
+"""Top-k neighbours on L2-normalised features: exact (faiss on CPU or GPU, torch as fallback), or
+approximate with a faiss IVF or HNSW index for collections where exact search costs too much.
+
+Memory stays bounded by the set, not by its square: queries go in chunks against the whole index and
+each chunk's results are written into the output arrays, so the working memory is the features, the
+index (a copy of them, plus HNSW's graph) and one chunk's scores.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +30,10 @@ def _faiss_search(features: np.ndarray, k: int, chunk: int, use_gpu: bool) -> tu
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(features)
+    return _search(index, features, k, chunk)
+
+
+def _search(index: Any, features: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     sims = np.empty((len(features), k), dtype=np.float32)
     idx = np.empty((len(features), k), dtype=np.int64)
     # Query in chunks so the result buffers of one call stay small on very large sets.
@@ -29,6 +41,56 @@ def _faiss_search(features: np.ndarray, k: int, chunk: int, use_gpu: bool) -> tu
         s, i = index.search(features[start : start + chunk], k)
         sims[start : start + chunk], idx[start : start + chunk] = s, i
     return sims, idx
+
+
+def _approximate_index(features: np.ndarray, kind: str, params: dict[str, int], use_gpu: bool) -> Any:
+    """A faiss IVF or HNSW inner-product index over `features`, built and ready to search."""
+    faiss = _faiss()
+    n, d = features.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, params.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, 2 * params.get("hnsw_m", 32))
+        index.add(features)
+        index.hnsw.efSearch = params.get("ef_search", 128)
+        return index
+    lists = params.get("ivf_lists") or ivf_lists_for(n)
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
+    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    # k-means of the coarse quantizer on a sample (40 points a list, just above faiss' minimum of 39),
+    # 10 iterations: the lists only have to partition the space, and training stays cheap on a CPU.
+    sample = features if n <= 40 * lists else features[np.random.default_rng(0).choice(n, 40 * lists, replace=False)]
+    if hasattr(index, "cp"):
+        index.cp.niter = 10
+    index.train(sample)
+    index.add(features)
+    index.nprobe = min(lists, params.get("ivf_probe", 32))
+    return index
+
+
+def ivf_lists_for(n: int) -> int:
+    """Inverted lists of an IVF index over n points: about 4 sqrt(n), as faiss suggests."""
+    return max(1, min(n // 39, int(4 * np.sqrt(n))))
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each row's exact neighbours (self excluded) that the approximate search found."""
+    hits = [len(set(a[1:]) & set(e[1:])) for a, e in zip(approx, exact, strict=True)]
+    return float(np.mean(hits) / max(1, exact.shape[1] - 1))
+
+
+def exact_rows(features: torch.Tensor | np.ndarray, rows: np.ndarray, k: int, chunk: int = 128) -> np.ndarray:
+    """Exact top-k neighbours (self first) of the given rows only: the reference an approximate index's
+    recall is measured against, without an exact search of every row."""
+    x = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
+    out = []
+    for start in range(0, len(rows), chunk):
+        block = torch.as_tensor(rows[start : start + chunk])
+        scores = x[block] @ x.t()
+        scores[torch.arange(len(block)), block] = float("inf")  # self first, as knn() returns it
+        out.append(scores.topk(k + 1, dim=1).indices)
+    return torch.cat(out).numpy()
 
 
 def _score_rows(n: int, chunk: int) -> int:
@@ -54,11 +116,15 @@ def knn(
     device: torch.device | str = "cpu",
     chunk: int = 16384,
     backend: str = "auto",
+    index: str = "exact",
+    index_params: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of every row, self included and always in column 0.
+    """Inner-product top-k of every row, self included and always in column 0.
 
     `features` are L2-normalised here, so inner product is cosine similarity. Returns
     (indices (N, k+1) int64, similarities (N, k+1) float32). `backend`: auto | faiss | torch.
+    `index`: exact, or ivf / hnsw (faiss; approximate, for large sets) with `index_params`
+    (ivf_lists, ivf_probe, hnsw_m, ef_search).
     """
     x = torch.as_tensor(features).float()
     n = x.shape[0]
@@ -68,6 +134,18 @@ def knn(
     device = torch.device(device)
     # One spare column: with duplicate images, self may not come first and is moved there below.
     kk = min(n, k + 2)
+    if index != "exact":
+        if _faiss() is None:
+            raise DatasetError(f"the {index} index needs faiss (pip install faiss-cpu)")
+        built = _approximate_index(x, index, index_params or {}, use_gpu=device.type == "cuda")
+        sims, idx = _search(built, x, kk, chunk)
+        # An approximate search can come back short (-1) for a row: fill with the row itself, which
+        # _self_first drops like a duplicate.
+        short = idx < 0
+        if short.any():
+            rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
+            idx[short], sims[short] = rows[short], -np.inf
+        return _self_first(idx, sims, k)
     if backend == "faiss" or (backend == "auto" and _faiss() is not None):
         if _faiss() is None:
             raise DatasetError("faiss is not installed (pip install faiss-cpu)")

@@ -13,13 +13,15 @@ from ..augment import Normalize
 from ..checkpoint import StageDir, atomic_write_bytes, atomic_write_json
 from ..config import MineConfig, RuntimeConfig
 from ..data import ImageSet
-from ..mining import knn, neighbor_accuracy
+from ..mining import exact_rows, knn, neighbor_accuracy, recall_at_k
 from ..model_io import compute_outputs, load_pretext
 from ..progress import ProgressSink
 from ..runtime import Runtime
 from .common import file_digest
 
 STAGE = "mine"
+#: Rows whose exact neighbours measure an approximate index's recall.
+RECALL_SAMPLE = 1000
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -76,14 +78,21 @@ def run_mine(
     started = time.perf_counter()
     features, feature = pretext_features(pretext_dir, data, rt, cfg.feature, cfg.batch_size)
     extract_s = time.perf_counter() - started
-    neighbors, _ = knn(features, cfg.topk, device=rt.device, chunk=cfg.chunk_size)
+    params = {"ivf_lists": cfg.ivf_lists, "ivf_probe": cfg.ivf_probe, "hnsw_m": cfg.hnsw_m, "ef_search": cfg.ef_search}
+    neighbors, _ = knn(features, cfg.topk, device=rt.device, chunk=cfg.chunk_size, index=cfg.index,
+                       index_params={k: v for k, v in params.items() if v is not None})
     summary: dict[str, Any] = {
         "topk": cfg.topk,
         "feature": feature,
+        "index": cfg.index,
         "num_images": len(data),
         "seconds_features": extract_s,
         "seconds_search": time.perf_counter() - started - extract_s,
     }
+    if cfg.index != "exact":
+        # How much the approximation costs, without labels: recall against exact search on a sample.
+        rows = np.random.default_rng(0).choice(len(data), min(len(data), RECALL_SAMPLE), replace=False)
+        summary["recall_at_topk"] = recall_at_k(neighbors[rows], exact_rows(features, rows, cfg.topk))
     if data.has_labels:
         labels = data.labels.numpy()
         summary["neighbor_accuracy"] = {
