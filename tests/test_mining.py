@@ -76,7 +76,7 @@ def test_recall_and_exact_rows_agree_with_brute_force():
     x = clustered(1500, 16, 10, seed=1)
     rows = np.array([0, 7, 1499, 300])
     ref = brute_topk(x, 12)[rows]
-    got = exact_rows(x, rows, 12, chunk=3)
+    got = exact_rows(x, rows, 12, block=100)  # blocks < N exercise the running merge
     assert (got[:, 0] == rows).all()
     assert (np.sort(got[:, 1:], axis=1) == np.sort(ref[:, 1:], axis=1)).all()
     assert recall_at_k(got, ref) == 1.0

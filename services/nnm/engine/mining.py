@@ -24,33 +24,44 @@ def _faiss():
     return faiss
 
 
-def _faiss_search(features: np.ndarray, k: int, chunk: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+def unit_rows(features: torch.Tensor) -> np.ndarray:
+    """Rows scaled to unit length, as a new float32 array (the caller's features stay as they are)."""
+    return torch.nn.functional.normalize(features.float(), dim=1).contiguous().numpy()
+
+
+def _faiss_search(features: torch.Tensor, k: int, chunk: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
     faiss = _faiss()
     index = faiss.IndexFlatIP(features.shape[1])
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(features)
+    for start in range(0, len(features), chunk):
+        index.add(unit_rows(features[start : start + chunk]))
     return _search(index, features, k, chunk)
 
 
-def _search(index: Any, features: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def _search(index: Any, features: torch.Tensor, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of every row against `index`. Queries go in chunks, each normalised on its own: no
+    normalised copy of the whole set is kept beside the index (memory: the features, the index, the
+    results and one chunk)."""
     sims = np.empty((len(features), k), dtype=np.float32)
     idx = np.empty((len(features), k), dtype=np.int64)
-    # Query in chunks so the result buffers of one call stay small on very large sets.
     for start in range(0, len(features), chunk):
-        s, i = index.search(features[start : start + chunk], k)
+        s, i = index.search(unit_rows(features[start : start + chunk]), k)
         sims[start : start + chunk], idx[start : start + chunk] = s, i
     return sims, idx
 
 
-def _approximate_index(features: np.ndarray, kind: str, params: dict[str, int], use_gpu: bool) -> Any:
-    """A faiss IVF or HNSW inner-product index over `features`, built and ready to search."""
+def _approximate_index(features: torch.Tensor, kind: str, params: dict[str, int], use_gpu: bool,
+                       chunk: int = 65536) -> Any:
+    """A faiss IVF or HNSW inner-product index over the unit-length `features`, built and ready to search
+    (added a normalised chunk at a time)."""
     faiss = _faiss()
     n, d = features.shape
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, params.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, 2 * params.get("hnsw_m", 32))
-        index.add(features)
+        for start in range(0, n, chunk):
+            index.add(unit_rows(features[start : start + chunk]))
         index.hnsw.efSearch = params.get("ef_search", 128)
         return index
     lists = params.get("ivf_lists") or ivf_lists_for(n)
@@ -60,11 +71,12 @@ def _approximate_index(features: np.ndarray, kind: str, params: dict[str, int], 
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     # k-means of the coarse quantizer on a sample (40 points a list, just above faiss' minimum of 39),
     # 10 iterations: the lists only have to partition the space, and training stays cheap on a CPU.
-    sample = features if n <= 40 * lists else features[np.random.default_rng(0).choice(n, 40 * lists, replace=False)]
+    rows = np.arange(n) if n <= 40 * lists else np.sort(np.random.default_rng(0).choice(n, 40 * lists, replace=False))
     if hasattr(index, "cp"):
         index.cp.niter = 10
-    index.train(sample)
-    index.add(features)
+    index.train(unit_rows(features[torch.as_tensor(rows)]))
+    for start in range(0, n, chunk):
+        index.add(unit_rows(features[start : start + chunk]))
     index.nprobe = min(lists, params.get("ivf_probe", 32))
     return index
 
@@ -80,17 +92,24 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(hits) / max(1, exact.shape[1] - 1))
 
 
-def exact_rows(features: torch.Tensor | np.ndarray, rows: np.ndarray, k: int, chunk: int = 128) -> np.ndarray:
+def exact_rows(features: torch.Tensor | np.ndarray, rows: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
     """Exact top-k neighbours (self first) of the given rows only: the reference an approximate index's
-    recall is measured against, without an exact search of every row."""
-    x = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
-    out = []
-    for start in range(0, len(rows), chunk):
-        block = torch.as_tensor(rows[start : start + chunk])
-        scores = x[block] @ x.t()
-        scores[torch.arange(len(block)), block] = float("inf")  # self first, as knn() returns it
-        out.append(scores.topk(k + 1, dim=1).indices)
-    return torch.cat(out).numpy()
+    recall is measured against, without an exact search of every row. The set is read a block at a
+    time (no normalised copy of it), merging each block's best into the running top-k."""
+    x = torch.as_tensor(features)
+    query_rows = torch.as_tensor(rows)
+    q = torch.nn.functional.normalize(x[query_rows].float(), dim=1)
+    best_s = torch.full((len(rows), k + 1), -float("inf"))
+    best_i = torch.zeros((len(rows), k + 1), dtype=torch.int64)
+    for start in range(0, len(x), block):
+        scores = q @ torch.nn.functional.normalize(x[start : start + block].float(), dim=1).t()
+        mine = (query_rows >= start) & (query_rows < start + scores.shape[1])
+        scores[mine.nonzero().squeeze(1), query_rows[mine] - start] = float("inf")  # self first
+        s, i = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+        merged_s, order = torch.cat([best_s, s], dim=1).topk(k + 1, dim=1)
+        best_i = torch.cat([best_i, i + start], dim=1).gather(1, order)
+        best_s = merged_s
+    return best_i.numpy()
 
 
 def _score_rows(n: int, chunk: int) -> int:
@@ -126,11 +145,10 @@ def knn(
     `index`: exact, or ivf / hnsw (faiss; approximate, for large sets) with `index_params`
     (ivf_lists, ivf_probe, hnsw_m, ef_search).
     """
-    x = torch.as_tensor(features).float()
+    x = torch.as_tensor(features)  # no copy of a float32 array or tensor: chunks are normalised as used
     n = x.shape[0]
     if k + 1 > n:
         raise DatasetError(f"cannot find {k} neighbours among {n} images; use fewer neighbours (topk < {n})")
-    x = torch.nn.functional.normalize(x, dim=1).contiguous().numpy()
     device = torch.device(device)
     # One spare column: with duplicate images, self may not come first and is moved there below.
     kk = min(n, k + 2)
@@ -151,7 +169,7 @@ def knn(
             raise DatasetError("faiss is not installed (pip install faiss-cpu)")
         sims, idx = _faiss_search(x, kk, chunk, use_gpu=device.type == "cuda")
     else:
-        sims, idx = _torch_search(x, kk, chunk, device)
+        sims, idx = _torch_search(unit_rows(x), kk, chunk, device)
     return _self_first(idx, sims, k)
 
 
