@@ -29,13 +29,23 @@ def unit_rows(features: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(features.float(), dim=1).contiguous().numpy()
 
 
-def _faiss_search(features: torch.Tensor, k: int, chunk: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+def _on_gpu(index: Any, use_gpu: bool) -> Any:
+    """`index` moved to the first GPU when asked for and faiss has one; else `index` itself."""
     faiss = _faiss()
-    index = faiss.IndexFlatIP(features.shape[1])
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def _add(index: Any, features: torch.Tensor, chunk: int) -> None:
+    """Add the rows to `index` a normalised chunk at a time (no normalised copy of the whole set)."""
     for start in range(0, len(features), chunk):
         index.add(unit_rows(features[start : start + chunk]))
+
+
+def _faiss_search(features: torch.Tensor, k: int, chunk: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    index = _on_gpu(_faiss().IndexFlatIP(features.shape[1]), use_gpu)
+    _add(index, features, chunk)
     return _search(index, features, k, chunk)
 
 
@@ -60,23 +70,19 @@ def _approximate_index(features: torch.Tensor, kind: str, params: dict[str, int]
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, params.get("hnsw_m", 32), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, 2 * params.get("hnsw_m", 32))
-        for start in range(0, n, chunk):
-            index.add(unit_rows(features[start : start + chunk]))
+        _add(index, features, chunk)
         index.hnsw.efSearch = params.get("ef_search", 128)
         return index
     lists = params.get("ivf_lists") or ivf_lists_for(n)
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
-    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index = _on_gpu(faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT), use_gpu)
     # k-means of the coarse quantizer on a sample (40 points a list, just above faiss' minimum of 39),
     # 10 iterations: the lists only have to partition the space, and training stays cheap on a CPU.
     rows = np.arange(n) if n <= 40 * lists else np.sort(np.random.default_rng(0).choice(n, 40 * lists, replace=False))
     if hasattr(index, "cp"):
         index.cp.niter = 10
     index.train(unit_rows(features[torch.as_tensor(rows)]))
-    for start in range(0, n, chunk):
-        index.add(unit_rows(features[start : start + chunk]))
+    _add(index, features, chunk)
     index.nprobe = min(lists, params.get("ivf_probe", 32))
     return index
 

@@ -23,8 +23,6 @@ from .store.repository import JobStore
 #: `admin` for /v1/admin (creating and revoking keys).
 SCOPES = ("read", "write", "metrics", "admin")
 KEY_PREFIX = "nnm_"
-#: The shortest NNM_ADMIN_KEY the service accepts (a guessable admin key would open every other).
-MIN_ADMIN_KEY_CHARS = 32
 
 
 def hash_key(key: str) -> str:

@@ -102,10 +102,15 @@ async def authenticate(
 async def caller(request: Request) -> Principal:
     """`authenticate` for a hot route declared without dependencies (FastAPI's dependency resolution
     costs more per request than the rest of such a route): same answers, no dependency graph."""
+    return _with_scope(request, await _request_principal(request))
+
+
+async def _request_principal(request: Request) -> Principal:
+    """The caller as the guard found them, or from the request's key where no guard ran."""
     principal = getattr(request.state, "principal", None)
     if principal is None:
         principal = await _principal_from_key(request.app.state.gateway, bearer_key(dict(request.scope["headers"])))
-    return _with_scope(request, principal)
+    return principal
 
 
 def _with_scope(request: Request, principal: Principal, needed: str | None = None) -> Principal:
@@ -156,9 +161,7 @@ async def administrator(
     """The caller of the admin API: a key with the `admin` scope (or NNM_ADMIN_KEY), whatever NNM_AUTH says;
     401 without a key, 403 with a key that lacks the scope. (`credentials` declares the bearer scheme in
     the OpenAPI document; the key is read from the headers, X-API-Key included.)"""
-    principal = getattr(request.state, "principal", None)
-    if principal is None:
-        principal = await _principal_from_key(request.app.state.gateway, bearer_key(dict(request.scope["headers"])))
+    principal = await _request_principal(request)
     if principal is ANONYMOUS:
         raise ApiProblem(401, "the admin API needs an API key with the 'admin' scope (or NNM_ADMIN_KEY)",
                          type_="urn:nnm:problem:unauthorized", headers=UNAUTHORIZED)

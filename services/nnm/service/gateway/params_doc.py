@@ -11,6 +11,7 @@ left out. `JobOut.config`, the whole resolved configuration, is the engine's `Pi
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 REF = "#/components/schemas/"
@@ -33,35 +34,35 @@ def _partial(schema: dict[str, Any], name: str) -> dict[str, Any]:
     for field in HIDDEN.get(name, ()):
         out.get("properties", {}).pop(field, None)
 
-    def visit(node: Any) -> None:
-        if isinstance(node, dict):
-            node.pop("default", None)
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith(REF):
-                node["$ref"] = REF + _params_name(ref[len(REF):])
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(out.get("properties", {}))
+    for node in _objects(out.get("properties", {})):
+        node.pop("default", None)
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(REF):
+            node["$ref"] = REF + _params_name(ref[len(REF):])
     out["description"] = (schema.get("description") or "").strip() + (
         " Overrides of the preset: leave a field out to keep the preset's value.")
     return out
 
 
-def _const_as_enum(node: Any) -> None:
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object in a schema tree, each before its children (which it may change)."""
+    if isinstance(node, dict):
+        yield node
+        children = list(node.values())
+    elif isinstance(node, list):
+        children = node
+    else:
+        return
+    for child in children:
+        yield from _objects(child)
+
+
+def _const_as_enum(tree: Any) -> None:
     """`{"const": "auto"}` -> `{"enum": ["auto"]}`: the same values, and client generators (e.g.
     openapi-python-client) parse a one-value enum inside `anyOf` where they mishandle a const."""
-    if isinstance(node, dict):
+    for node in _objects(tree):
         if "const" in node:
             node["enum"] = [node.pop("const")]
-        for value in node.values():
-            _const_as_enum(value)
-    elif isinstance(node, list):
-        for value in node:
-            _const_as_enum(value)
 
 
 def document_params(spec: dict[str, Any]) -> dict[str, Any]:

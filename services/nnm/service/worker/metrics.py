@@ -110,9 +110,10 @@ class QueueDepth:
             log.warning("queue depth not collected: job store unreachable")
             return
         from ..queue import QUEUES
+        from ..store.repository import ACTIVE
 
         for queue in QUEUES:
-            for status in ("queued", "running", "cancelling"):
+            for status in ACTIVE:
                 g.add_metric([queue, status], counts.get((queue, status), 0))
         yield g
 
