@@ -149,6 +149,8 @@ def test_no_path_into_another_owners_objects(stack):
         ({"preset": "quick", "pretext": {"init": "/etc/passwd"}}, {}, "pipeline"),
         ({"preset": "quick", "data": {"root": "/"}}, {}, "pretext"),
         ({"preset": "quick", "data": {"dataset": "/etc"}}, {}, "pretext"),
+        ({"preset": "quick", "data": {"cache_dir": "/etc"}}, {}, "pretext"),
+        ({"preset": "quick", "data": {"cache_max_bytes": 0}}, {}, "pipeline"),
         ({"preset": "quick"}, {"pretext_job_id": "../../jobs/x"}, "mine"),
         ({"preset": "quick", "pretext": {"init": "backbone:bb_" + "0" * 32}}, {"pretext_job_id": "job_" + "1" * 32},
          "mine"),

@@ -142,7 +142,8 @@ def test_params_are_typed_from_the_engine_config(tmp_path):
     for name, schema in schemas.items():
         if name.endswith("Params") and name != "JobParams":
             assert "required" not in schema and schema["additionalProperties"] is False, name
-    assert not {"root", "dataset"} & set(schemas["DataParams"]["properties"])
+    assert not {"root", "dataset", "cache_dir", "cache_max_bytes"} & set(schemas["DataParams"]["properties"])
+    assert "cache" in schemas["DataParams"]["properties"]
 
     def validator(name):
         return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **spec})

@@ -7,11 +7,14 @@ the key named instead of being silently ignored.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .cache import CachePolicy
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -125,6 +128,19 @@ class DataConfig(Strict):
     image_size: int | None = Field(None, ge=8, le=1024)
     #: Where built-in datasets are downloaded (None: $NNM_DATASETS_DIR or ~/.cache/nnm/datasets).
     root: str | None = None
+    #: Decode the set once into a memory-mapped file and train from it: "auto" for sets of 512 MiB and
+    #: more decoded, "on" for every set, "off" to decode into memory each time.
+    cache: Literal["auto", "on", "off"] = "auto"
+    #: Where decoded sets are cached (None: $NNM_CACHE_DIR or ~/.cache/nnm/decoded).
+    cache_dir: str | None = None
+    #: Bytes the cache directory may hold; least recently used sets are removed past it (None: no bound).
+    cache_max_bytes: int | None = Field(None, ge=0)
+
+    def cache_policy(self) -> CachePolicy | None:
+        """The decoded-image cache these settings ask for (None: off)."""
+        from .cache import cache_policy  # imported here: reading configs needs no torch
+
+        return cache_policy(self.cache, self.cache_dir, self.cache_max_bytes)
 
 
 class RuntimeConfig(Strict):

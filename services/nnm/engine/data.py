@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import math
 import os
@@ -31,6 +30,20 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .cache import (
+    CachedSet,
+    CachePolicy,
+    EntryWriter,
+    MappedImages,
+    archive_source,
+    cache_key,
+    folder_source,
+    open_entry,
+    pixel_digest,
+    prune,
+    publish_alias,
+    write_tensor,
+)
 from .errors import BadImageError, DatasetError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -65,7 +78,7 @@ class ImageSet:
     `labels` holds -1 for images without a label; `has_labels` is True when every image has one.
     """
 
-    images: torch.Tensor  # uint8, (N, C, H, W)
+    images: torch.Tensor | MappedImages  # uint8, (N, C, H, W); mapped from a cache file for large sets
     labels: torch.Tensor | None  # int64, (N,)
     class_names: list[str] | None
     names: list[str]  # a stable identifier per image (relative path, or "name/split/index")
@@ -94,9 +107,23 @@ class ImageSet:
     def fingerprint(self) -> dict[str, object]:
         """Identity of the pixels (a digest), used to refuse resuming a run on other data."""
         if "fingerprint" not in self.extra:
-            digest = hashlib.blake2b(self.images.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+            digest = pixel_digest(self.images)
             self.extra["fingerprint"] = {"source": self.source, "shape": list(self.images.shape), "digest": digest}
         return dict(self.extra["fingerprint"])  # type: ignore[arg-type]
+
+
+class RowRange:
+    """Rows [start, stop) of an image array, indexed by slices relative to `start` (no copy is made)."""
+
+    def __init__(self, images: torch.Tensor | MappedImages, start: int, stop: int):
+        self.images, self.start, self.stop = images, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        first, last, _ = sl.indices(len(self))
+        return self.images[self.start + first : self.start + last]
 
 
 def default_data_root() -> Path:
@@ -147,24 +174,42 @@ def load_dataset(
     image_size: int | None = None,
     root: str | Path | None = None,
     limits: LoadLimits | None = None,
+    cache: CachePolicy | None = None,
 ) -> ImageSet:
     """Load a built-in dataset by name or an image folder / .zip by path.
 
     `spec` may carry a split (`cifar10:test`); an explicit `split` wins. `image_size` resizes
-    every image once (shorter side, then centre crop).
+    every image once (shorter side, then centre crop). With `cache`, a large set is decoded once into
+    the cache and memory-mapped from there (see `load_image_folder`).
     """
     name, spec_split = parse_dataset_spec(spec)
     split = split or spec_split
     if name.lower() in BUILTIN_DATASETS and not Path(spec).exists():
-        data = _load_builtin(name.lower(), split or "train", Path(root) if root else default_data_root())
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise DatasetError(
-                f"dataset '{spec}' is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                "nor an existing folder or .zip file"
-            )
-        data = load_image_folder(path, image_size=image_size, limits=limits or LoadLimits(), split=split)
+        where = Path(root) if root else default_data_root()
+        key = None
+        if cache is not None:
+            key = cache_key({"source": {"kind": "builtin", "name": name.lower(), "root": str(where.resolve())},
+                             "split": split or "train", "image_size": image_size})
+            hit = cached_set(cache, key)
+            if hit is not None:
+                return hit
+        data = _load_builtin(name.lower(), split or "train", where)
+        if image_size is not None and data.image_size != image_size:
+            data.images = resize_batch(data.images, image_size)
+        if key is not None and cache is not None and cache.wants(data.images.nbytes):
+            labels = None if data.labels is None else data.labels.numpy()
+            entry = _cache_io(lambda: write_tensor(cache.directory, key, data.images, labels, data.names,
+                                                   data.class_names, {"source": data.source}), cache)
+            prune(cache, keep=key)
+            return _from_entry(entry)
+        return data
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DatasetError(
+            f"dataset '{spec}' is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+            "nor an existing folder or .zip file"
+        )
+    data = load_image_folder(path, image_size=image_size, limits=limits or LoadLimits(), split=split, cache=cache)
     if image_size is not None and data.image_size != image_size:
         data.images = resize_batch(data.images, image_size)
     return data
@@ -299,6 +344,8 @@ class _Entry:
     relpath: PurePosixPath
     open: Callable[[], AbstractContextManager[BinaryIO]]
     spool: bool = False  # a zip member: copy it out before decoding (see _SPOOL_BYTES)
+    #: A folder file's (size, mtime in ns): what the decoded-image cache's key is made of.
+    stamp: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -446,7 +493,8 @@ def _folder_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
             if _is_hidden(rel.parts) or rel.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             try:
-                size = full.stat().st_size
+                st = full.stat()
+                size = st.st_size
             except OSError as exc:
                 raise DatasetError(f"cannot read image '{rel}' ({exc.strerror or exc})") from None
             if size > limits.max_member_bytes:
@@ -458,7 +506,7 @@ def _folder_entries(path: Path, limits: LoadLimits) -> list[_Entry]:
                 raise DatasetError(
                     f"the images hold more than {limits.max_total_bytes} bytes, the limit for uncompressed data"
                 )
-            entries.append(_Entry(rel, functools.partial(open, full, "rb")))
+            entries.append(_Entry(rel, functools.partial(open, full, "rb"), stamp=(size, st.st_mtime_ns)))
             if len(entries) > limits.max_files:
                 raise DatasetError(f"folder holds more than {limits.max_files} images, the limit")
     return entries
@@ -770,7 +818,11 @@ def _budget_words(archive: zipfile.ZipFile | None) -> str:
 
 
 def load_image_folder(
-    path: Path, image_size: int | None = None, limits: LoadLimits | None = None, split: str | None = None
+    path: Path,
+    image_size: int | None = None,
+    limits: LoadLimits | None = None,
+    split: str | None = None,
+    cache: CachePolicy | None = None,
 ) -> ImageSet:
     """Decode a folder or .zip of images (ImageFolder layout, or flat for unlabelled images).
 
@@ -780,10 +832,28 @@ def load_image_folder(
     `image_size` (default: the images' own side when all are the same square of at most 256 pixels, else
     `DEFAULT_FOLDER_SIZE`), in one channel when every image is grayscale. Peak memory is the output plus a
     few images being decoded (`DECODE_WORKERS`).
+
+    With `cache`, a set at least `cache.min_bytes` large is decoded once into a file there and read from
+    it by memory mapping (`nnm.engine.cache`): later loads of the same, unchanged source skip decoding,
+    and the pixels never have to fit in memory.
     """
     limits = limits or LoadLimits()
+    request = {"split": split, "image_size": image_size}
+    if cache is not None and path.is_file():  # an archive's key needs no listing: try the cache first
+        hit = cached_set(cache, cache_key({"source": archive_source(path), **request}))
+        if hit is not None:
+            return hit
     with _open_folder(path, limits) as archive:
         entries = _list_entries(path, archive, limits)
+        described: dict[str, Any] | None = None  # the source, as cache keys name it
+        if cache is not None:
+            if archive is None:
+                described = folder_source(path, [(str(e.relpath), *(e.stamp or (0, 0))) for e in entries])
+                hit = cached_set(cache, cache_key({"source": described, **request}))
+                if hit is not None:
+                    return hit
+            else:
+                described = archive_source(path)
         paths = [e.relpath for e in entries]
         layout = _split_layout(paths)
         split_labels: np.ndarray | None = None
@@ -805,27 +875,91 @@ def load_image_folder(
         target = image_size or side
         budget, colour = _Budget(limits.max_total_bytes, _budget_words(archive)), threading.Event()
         n = len(entries)
-        # Grayscale until an image says otherwise: the output then grows to 3 channels once.
-        out = np.empty((n, 1, target, target), dtype=np.uint8)
-        decoded = ordered_map(lambda i: _decode_entry(entries[i], limits, budget, target, True, colour), n)
-        for i, (gray, pixels) in enumerate(decoded):
-            if not gray and out.shape[1] == 1:
-                rgb_out = np.empty((n, 3, target, target), dtype=np.uint8)
-                rgb_out[:i] = out[:i]
-                out = rgb_out
-            out[i] = pixels  # a grayscale image fills all three channels of a colour set
-    labels = split_labels
-    if layout is None and classes is not None:
-        index = {c: k for k, c in enumerate(classes)}
-        labels = np.array([index[p.parts[0]] for p in relpaths], dtype=np.int64)
-    names = [str(e.relpath) for e in entries]
-    source = str(path) if layout is None else f"{path}:{split or 'train'}"
+        key = cache_key({"source": described, **request}) if described is not None else None
+        to_file = cache is not None and key is not None and cache.wants(n * 3 * target * target)
+        with contextlib.ExitStack() as stack:
+            # Grayscale until an image says otherwise: the output then grows to 3 channels once.
+            if to_file:
+                assert cache is not None and key is not None
+                writer = stack.enter_context(_cache_writer(cache, key, n, target))
+                out = None
+            else:
+                writer, out = None, np.empty((n, 1, target, target), dtype=np.uint8)
+            decoded = ordered_map(lambda i: _decode_entry(entries[i], limits, budget, target, True, colour), n)
+            for i, (gray, pixels) in enumerate(decoded):
+                if writer is not None:
+                    if not gray and writer.channels == 1:
+                        _cache_io(writer.widen, cache)
+                    rows = np.repeat(pixels, 3, axis=0) if writer.channels == 3 and gray else pixels
+                    _cache_io(lambda rows=rows: writer.append(rows), cache)
+                    continue
+                assert out is not None
+                if not gray and out.shape[1] == 1:
+                    rgb_out = np.empty((n, 3, target, target), dtype=np.uint8)
+                    rgb_out[:i] = out[:i]
+                    out = rgb_out
+                out[i] = pixels  # a grayscale image fills all three channels of a colour set
+            labels = split_labels
+            if layout is None and classes is not None:
+                index = {c: k for k, c in enumerate(classes)}
+                labels = np.array([index[p.parts[0]] for p in relpaths], dtype=np.int64)
+            names = [str(e.relpath) for e in entries]
+            source = str(path) if layout is None else f"{path}:{split or 'train'}"
+            splits = sorted(layout.members) if layout is not None else None
+            if writer is not None:
+                assert cache is not None and key is not None
+                entry = _cache_io(lambda: writer.finish(labels, names, classes, {"source": source, "splits": splits}),
+                                  cache)
+                if image_size is None:  # asked for at their own side: the same pixels as asked for at that side
+                    sized = cache_key({"source": described, "split": split, "image_size": target})
+                    _cache_io(lambda: publish_alias(cache.directory, sized, key), cache)
+                prune(cache, keep=key)
+                return _from_entry(entry)
+    assert out is not None
     data = ImageSet(
         torch.from_numpy(out), None if labels is None else torch.from_numpy(labels), classes, names, source=source
     )
-    if layout is not None:
-        data.extra["splits"] = sorted(layout.members)
+    if splits is not None:
+        data.extra["splits"] = splits
     return data
+
+
+# ----------------------------------------------------------------------------- decoded-image cache
+
+
+def cached_set(cache: CachePolicy, key: str) -> ImageSet | None:
+    """The finished cache entry `key` as an ImageSet, or None."""
+    entry = open_entry(cache.directory, key)
+    return None if entry is None else _from_entry(entry)
+
+
+def _from_entry(entry: CachedSet) -> ImageSet:
+    info = entry.meta.get("info") or {}
+    source = str(info.get("source", entry.images.path))
+    labels = None if entry.labels is None else torch.from_numpy(entry.labels)
+    data = ImageSet(entry.images, labels, entry.class_names, entry.names, source=source)
+    data.extra["fingerprint"] = {"source": source, "shape": list(entry.images.shape), "digest": entry.meta["digest"]}
+    if info.get("splits"):
+        data.extra["splits"] = info["splits"]
+    data.extra["cache"] = str(entry.images.path)
+    return data
+
+
+def _cache_io(fn: Callable[[], T], cache: CachePolicy | None) -> T:
+    """`fn()`, with a failure to write the cache (disk full, no permission) said in one sentence."""
+    try:
+        return fn()
+    except OSError as exc:
+        where = cache.directory if cache is not None else "the cache"
+        raise DatasetError(f"cannot write the decoded-image cache in '{where}' ({exc.strerror or exc}); free "
+                           "space there, set data.cache_dir elsewhere, or data.cache=off") from None
+
+
+@contextlib.contextmanager
+def _cache_writer(cache: CachePolicy, key: str, n: int, side: int) -> Iterator[EntryWriter]:
+    writer = _cache_io(lambda: EntryWriter(cache.directory, key, n, 1, side), cache)
+    with writer:
+        yield writer
 
 
 class BadImages:

@@ -84,8 +84,8 @@ def traits_of(row: DatasetRow) -> DatasetTraits:
     )
 
 
-#: Settings that name places on the worker; the service decides them, never the caller.
-WORKER_PATHS = {"data": ("root", "dataset")}
+#: Settings that name places on the worker (or bound its disk); the service decides them, never the caller.
+WORKER_PATHS = {"data": ("root", "dataset", "cache_dir", "cache_max_bytes")}
 #: Ids the service issues: a prefix, an underscore and 32 hex digits (nothing that could be a path).
 ID_PATTERN = re.compile(r"^[a-z]{2,4}_[0-9a-f]{32}$")
 

@@ -4,8 +4,9 @@ A job's `params` is a preset name and overrides of any engine setting, merged ov
 gateway (`jobspec.resolve`, which also gives the precise 422s). The request model keeps it a JSON
 object for that; the document describes it with the engine's own models, so that client generators
 get real types: every section and field the engine knows, none required (the preset fills what is
-left out), unknown keys refused, and the places the service chooses (`data.root`, `data.dataset`)
-left out. `JobOut.config`, the whole resolved configuration, is the engine's `PipelineConfig`.
+left out), unknown keys refused, and the places the service chooses (`data.root`, `data.dataset`,
+the decoded-image cache's directory and bound) left out. `JobOut.config`, the whole resolved
+configuration, is the engine's `PipelineConfig`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+from ..jobspec import WORKER_PATHS
+
 REF = "#/components/schemas/"
-#: Settings a caller cannot give (jobspec.WORKER_PATHS): the service picks where the data lies.
-HIDDEN = {"DataConfig": ("root", "dataset")}
+#: Settings a caller cannot give: the service picks where the data lies.
+HIDDEN = {"DataConfig": WORKER_PATHS["data"]}
 
 EXAMPLE = {"preset": "cpu", "pretext": {"epochs": 100}, "cluster": {"clusters": "auto"}, "runtime": {"seed": 1}}
 
