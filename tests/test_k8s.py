@@ -247,3 +247,25 @@ def test_network_policy_closes_every_pod_but_the_gateway_port(overlay: str) -> N
         "matchLabels"]
     assert [p["port"] for rule in gateway["ingress"] for p in rule["ports"]] == [
         container(objects, "nnm-gateway")["ports"][0]["containerPort"]]
+
+
+def test_multinode_example_runs_torchrun_on_every_replica() -> None:
+    """The PyTorchJob example (outside the overlays): each replica's pod template is a valid pod whose
+    container runs the pipeline through torchrun (the operator sets its rendezvous), on a shared claim."""
+    import kubernetes_validate
+
+    job = yaml.safe_load((REPO / "deploy" / "k8s" / "multinode" / "pytorchjob.yaml").read_text())
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    gpus = int(job["spec"]["nprocPerNode"])
+    for spec in replicas.values():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, **spec["template"]}
+        kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+        (c,) = pod["spec"]["containers"]
+        assert c["name"] == "pytorch" and c["command"][:3] == ["torchrun", "-m", "nnm.cli.main"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        claims = {v["name"]: v for v in pod["spec"]["volumes"]}
+        out = c["command"][c["command"].index("--out") + 1]
+        shared = next(m for m in c["volumeMounts"] if out.startswith(m["mountPath"] + "/"))
+        assert "persistentVolumeClaim" in claims[shared["name"]]

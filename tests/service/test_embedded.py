@@ -151,3 +151,24 @@ def test_an_upload_with_train_and_test_folders_reports_the_test_split(embedded, 
     assert m["train"]["num_images"] == 300 and 0.0 < m["train"]["acc"] <= 1.0
     names = {a["name"] for a in final["artifacts"]}
     assert {"confusion_matrix.png", "train_confusion_matrix.png", "train_assignments.csv"} <= names
+
+
+def test_a_job_on_two_processes_through_torchrun(tmp_path):
+    """NNM_PROCESSES_PER_JOB=2: the worker starts the job through torchrun; rank 0 reports and uploads,
+    the job succeeds once, with its artifacts and a model that assigns."""
+    proc, client = serve(tmp_path, NNM_PROCESSES_PER_JOB="2")
+    try:
+        client.wait_ready(90)
+        ds = client.builtin_dataset("digits")
+        job = client.submit("pipeline", ds["id"], FAST_PIPELINE)
+        final = client.wait(job["id"], timeout=900, poll_s=1)
+        assert final["status"] == "succeeded", final["error"]
+        assert final["attempt"] == 1 and final["metrics"]["processes"] == 2
+        assert 0.0 < final["metrics"]["acc"] <= 1.0
+        names = {a["name"] for a in final["artifacts"]}
+        assert {"metrics.json", "confusion_matrix.png", "model/model.pt"} <= names, names
+        results = client.assign(final["model_id"], [("seven.png", digit_png(7))])
+        assert 0 <= results[0]["cluster"] < 10
+    finally:
+        client.close()
+        stop(proc, timeout=60)

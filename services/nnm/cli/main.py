@@ -277,7 +277,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _sink(args: argparse.Namespace):
     from nnm.engine.progress import TqdmSink
 
-    return TqdmSink(enabled=not args.quiet)
+    # Under torchrun only rank 0 shows progress (every rank trains the same steps).
+    return TqdmSink(enabled=not args.quiet and os.environ.get("RANK", "0") == "0")
 
 
 def _runtime(args: argparse.Namespace):
@@ -302,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         return remote.run(args, _overrides)
 
     from nnm.engine import data as data_mod
+    from nnm.engine.config import DataConfig
     from nnm.engine.pipeline import resolve_config, run_pipeline
 
     if cmd == "serve":
@@ -323,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd in {"evaluate", "export"}:
         from nnm.engine.model_io import TrainedModel
 
-        data = data_mod.load_dataset(args.dataset)
+        data = data_mod.load_dataset(args.dataset, cache=DataConfig(dataset=args.dataset).cache_policy())
         if cmd == "export":
             from nnm.engine.export import export_model
 
@@ -346,18 +348,20 @@ def run(args: argparse.Namespace) -> int:
     sink = _sink(args)
     if cmd == "pipeline":
         metrics = run_pipeline(cfg, args.out, sink)
-        sink.message(f"outputs in {args.out}: metrics.json, confusion_matrix.png, prototypes.png, model/")
-        _print(_headline(metrics))
+        if metrics:  # empty on the ranks other than 0 of a torchrun: rank 0 evaluates and reports
+            sink.message(f"outputs in {args.out}: metrics.json, confusion_matrix.png, prototypes.png, model/")
+            _print(_headline(metrics))
         return 0
 
     d = cfg.data
     from nnm.engine import stages
 
     if cmd == "pretext":
-        data = data_mod.load_dataset(d.dataset, d.pretext_split or d.split, d.image_size, d.root)
+        data = data_mod.load_dataset(d.dataset, d.pretext_split or d.split, d.image_size, d.root,
+                                     cache=d.cache_policy())
         summary = stages.run_pretext(cfg.pretext, data, args.out, cfg.runtime, sink)
     else:
-        data = data_mod.load_dataset(d.dataset, d.split, d.image_size, d.root)
+        data = data_mod.load_dataset(d.dataset, d.split, d.image_size, d.root, cache=d.cache_policy())
         if cmd == "mine":
             summary = stages.run_mine(cfg.mine, data, args.pretext, args.out, cfg.runtime, sink)
         elif cmd == "cluster":

@@ -176,10 +176,12 @@ class StageDir:
     with another fingerprint is refused rather than silently mixed with this run.
     """
 
-    def __init__(self, path: Path, stage: str, fingerprint: dict[str, Any]):
+    def __init__(self, path: Path, stage: str, fingerprint: dict[str, Any], writer: bool = True):
         self.path = Path(path)
         self.stage = stage
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        #: Whether this process writes (rank 0 of a distributed run; the others only read).
+        self.writer = writer
         self.path.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -238,6 +240,8 @@ class StageDir:
 
     def mark_done(self, summary: dict[str, Any]) -> None:
         """Write the completion marker, listing the outputs it vouches for, and drop the checkpoint."""
+        if not self.writer:
+            return
         files = {
             p.relative_to(self.path).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
             for p in self._output_files()
@@ -264,6 +268,8 @@ class StageDir:
 
     def save(self, epoch: int, components: Mapping[str, Any], state: dict[str, Any]) -> None:
         """Write the checkpoint after `epoch` completed epochs."""
+        if not self.writer:
+            return
         atomic_torch_save(
             {
                 "format": CHECKPOINT_FORMAT,

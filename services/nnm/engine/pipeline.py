@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_write_json
-from .config import PipelineConfig, deep_merge, parse_config
+from .config import DataConfig, PipelineConfig, deep_merge, parse_config
 from .data import ImageSet, dataset_splits, held_out_split, is_builtin, load_dataset, parse_dataset_spec
+from .distributed import from_env
 from .errors import DatasetError
 from .model_io import InputSpec, ModelInfo, TrainedModel
 from .presets import DatasetTraits, build_preset
@@ -31,7 +32,8 @@ def resolve_config(
     overrides = overrides or {}
     if data is None:
         data_cfg = overrides.get("data", {}) if isinstance(overrides.get("data"), dict) else {}
-        data = load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"))
+        policy = parse_config(DataConfig, {**data_cfg, "dataset": dataset}).cache_policy()
+        data = load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"), cache=policy)
     name, _ = parse_dataset_spec(dataset)
     traits = DatasetTraits(
         builtin=name if is_builtin(dataset) else None,
@@ -78,17 +80,24 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     sink = sink or ProgressSink()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
+    ranks = from_env()  # under torchrun every rank trains; rank 0 alone writes, evaluates and exports
+    if ranks.main:
+        atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
     started = time.perf_counter()
     d = cfg.data
-    data = load_dataset(d.dataset, d.split, d.image_size, d.root)
+    cache = d.cache_policy()
+    if cache is not None and not ranks.main:
+        ranks.barrier()  # rank 0 decodes a large set into the cache once; the others then map it
+    data = load_dataset(d.dataset, d.split, d.image_size, d.root, cache=cache)
+    if cache is not None and ranks.main:
+        ranks.barrier()
     auto_k = cfg.cluster.clusters == "auto"
     k = None if auto_k else resolve_clusters(cfg.cluster.clusters, data)
     if cfg.mine.topk >= len(data):
         raise DatasetError(f"the dataset has {len(data)} images, too few for {cfg.mine.topk} neighbours each")
     pretext_data = data
     if d.pretext_split and d.pretext_split != (d.split or "train"):
-        pretext_data = load_dataset(d.dataset, d.pretext_split, d.image_size or data.image_size, d.root)
+        pretext_data = load_dataset(d.dataset, d.pretext_split, d.image_size or data.image_size, d.root, cache=cache)
     rt = cfg.runtime
     timings: dict[str, Any] = {}
 
@@ -119,6 +128,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
             sink.message("selflabel: fewer mined neighbours share a cluster after self-labelling (or a cluster "
                          "shrank), so the clustering model is kept")
 
+    if not ranks.main:
+        return {}
     model, meta = load_cluster_model(final)
     spec = InputSpec.model_validate(meta["input"])
     trained = TrainedModel(
@@ -144,7 +155,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     else:
         trained.info.class_names = None
     if held_out:
-        test_data = load_dataset(d.dataset, held_out, d.image_size or data.image_size, d.root)
+        test_data = load_dataset(d.dataset, held_out, d.image_size or data.image_size, d.root, cache=cache)
         metrics = run_evaluate(trained, test_data, out, cfg.evaluate, rt, sink, gallery=False)
         metrics["evaluated_on"] = held_out
         metrics["train"] = {key: train_metrics[key] for key in TRAIN_KEYS if key in train_metrics}
@@ -153,6 +164,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
         metrics["evaluated_on"] = "train"
     trained.save(out / "model")
     metrics["neighbor_accuracy"] = mine_summary.get("neighbor_accuracy")
+    metrics["processes"] = ranks.world  # trained on this many processes (torchrun ranks)
     metrics["final_stage"] = final.name
     if estimate is not None:
         metrics["estimated_clusters"] = {key: estimate[key] for key in ("clusters", "criterion", "min_clusters",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .config import RuntimeConfig
+from .distributed import from_env
 from .errors import ConfigError
 
 
@@ -47,6 +48,10 @@ class Runtime:
     def __init__(self, cfg: RuntimeConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        #: This process's rank among `torchrun`'s (rank 0 of 1 without it); see `distributed`.
+        self.dist = from_env()
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.bf16 = use_bf16(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -110,6 +115,11 @@ class Runtime:
         g = torch.Generator(device=self.device)
         g.manual_seed(derive_seed(self.seed, *salt))
         return g
+
+    def rank_generator(self, shared: torch.Generator, *salt: object) -> torch.Generator:
+        """The generator this rank draws its augmentations from: `shared` itself in a single process (so
+        one process draws exactly what it always drew), a rank's own one among several."""
+        return self.generator(*salt, "rank", self.dist.rank) if self.dist.enabled else shared
 
 
 def derive_seed(seed: int, *salt: object) -> int:

@@ -77,6 +77,9 @@ class Settings(BaseModel):
     job_time_limit_s: int = Field(7 * 24 * 3600, ge=60)
     #: Seconds a cancelled job's child gets between SIGTERM and SIGKILL.
     cancel_grace_s: float = Field(10.0, ge=0)
+    #: Processes one job trains on, on the worker's machine (its GPUs, one each; CPU processes without
+    #: them): above 1 the worker starts the job through torchrun and every stage trains with DDP.
+    processes_per_job: int = Field(1, ge=1, le=64)
     #: Device for training jobs: auto, cpu or cuda.
     device: str = "auto"
     #: Embedded mode: concurrent jobs per queue.
@@ -104,6 +107,9 @@ class Settings(BaseModel):
     max_json_bytes: int = Field(1024 * 1024, ge=1024)
     #: Days after which a finished job's artifacts are deleted (the job's record and metrics stay); 0 keeps them.
     artifact_retention_days: float = Field(0, ge=0)
+    #: Bytes a worker's decoded-image cache (large data sets decoded once, then memory-mapped by every
+    #: job on them) may hold; the sets used longest ago are removed past it.
+    decoded_cache_max_bytes: int = Field(50 * 1024**3, ge=0)
     #: Seconds between passes of the reconciler in the gateway (0 disables it).
     reconcile_interval_s: float = Field(15.0, ge=0)
 
@@ -122,6 +128,11 @@ class Settings(BaseModel):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def decoded_dir(self) -> Path:
+        """The workers' decoded-image cache (`nnm.engine.cache`)."""
+        return self.cache_dir / "decoded"
 
 
 ENV_PREFIX = "NNM_"

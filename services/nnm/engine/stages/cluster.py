@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..augment import Normalize, StrongAugment
 from ..checkpoint import StageDir, atomic_torch_save, atomic_write_json, safe_load
 from ..config import ClusterConfig, RuntimeConfig
-from ..data import ImageSet
+from ..data import ImageSet, RowRange
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..losses import entropy, nnm_loss, scan_loss
 from ..mining import nearest_other
@@ -20,7 +20,7 @@ from ..model_io import InputSpec, compute_outputs, load_pretext
 from ..models import ClusteringModel, build_backbone
 from ..progress import ProgressSink
 from ..runtime import Runtime, set_lr, shuffled_batches, steps_per_epoch
-from .common import EpochMeter, file_digest
+from .common import EpochMeter, file_digest, finished, stage_end
 
 STAGE = "cluster"
 
@@ -113,8 +113,9 @@ def run_cluster(
             "pretext": file_digest(pretext_dir / "model.pt"),
             "neighbors": file_digest(mine_dir / "neighbors.npy"),
         },
+        writer=rt.dist.main,
     )
-    done = stage.completed()
+    done = finished(stage, rt)
     if done is not None:
         return done
 
@@ -125,7 +126,7 @@ def run_cluster(
     pool = torch.from_numpy(neighbors[:, 1 : n_nb + 1]).long()
     backbone, _, info = load_pretext(pretext_dir)
     rt.seed_all(STAGE, "init")
-    model = rt.prepare(ClusteringModel(backbone, k, cfg.heads))
+    model = rt.dist.sync_batchnorm(rt.prepare(ClusteringModel(backbone, k, cfg.heads)), rt.device)
     groups = [{"params": list(model.cluster_head.parameters()), "lr_scale": 1.0}]
     if cfg.update_backbone:
         groups.append({"params": list(model.backbone.parameters()), "lr_scale": cfg.backbone_lr_scale})
@@ -135,6 +136,7 @@ def run_cluster(
     set_lr(opt, cfg.lr)
     components = {"model": model, "optimizer": opt}
     start, state = stage.resume(components, sink)
+    step_model = rt.dist.ddp(_Step(model, rt, cfg.update_backbone), rt.device)
     history: list[dict[str, Any]] = state.get("history", [])
     memory: torch.Tensor | None = state.get("memory")
     best: dict[str, Any] = state.get("best", {"loss": float("inf")})
@@ -152,7 +154,10 @@ def run_cluster(
     def evaluate_all() -> tuple[list[float], torch.Tensor | None]:
         """Whole-set pass: per-head label-free losses and (NNM) the global matching memory."""
         model.eval()
-        feats, logits = compute_outputs(model, data.images, normalize, rt, max(256, cfg.batch_size))
+        # Each rank computes its block of rows, then every rank has them all (the global memory included).
+        lo, hi = rt.dist.rows(n)
+        feats, logits = compute_outputs(model, RowRange(data.images, lo, hi), normalize, rt, max(256, cfg.batch_size))
+        feats, logits = rt.dist.gather_rows(feats), [rt.dist.gather_rows(lg) for lg in logits]
         probs = [F.softmax(lg, dim=1) for lg in logits]
         losses = head_losses(probs, pool, cfg.entropy_weight)
         mem = None
@@ -169,6 +174,7 @@ def run_cluster(
     sink.stage_started(STAGE, cfg.epochs, steps)
     for epoch in range(start, cfg.epochs):
         gen = rt.generator(STAGE, epoch)
+        views_gen = rt.rank_generator(gen, STAGE, epoch)
         model.train()
         if not cfg.update_backbone:
             model.backbone.eval()
@@ -178,15 +184,19 @@ def run_cluster(
             meter.before_step()
             b = len(idx)
             pick = torch.randint(n_nb, (b,), generator=gen, device=gen.device)
+            # With several ranks each takes its share of the batch and the outputs come back gathered,
+            # in `order`: the batch's indices are put in that order here.
+            idx, pick = rt.dist.order(idx), rt.dist.order(pick)
             at = idx.to(nb_table.device, non_blocking=True)
             nb_idx = nb_table[at, pick.to(nb_table.device)]
-            xa, xn = rt.gather(images, at), rt.gather(images, nb_idx)
-            views = [augment(xa, gen), augment(xn, gen)] + ([augment(xa, gen)] if nnm else [])
+            mine_at, mine_nb = rt.dist.shard_of_ordered(at), rt.dist.shard_of_ordered(nb_idx)
+            xa, xn = rt.gather(images, mine_at), rt.gather(images, mine_nb)
+            views = [augment(xa, views_gen), augment(xn, views_gen)] + ([augment(xa, views_gen)] if nnm else [])
             inputs = rt.to_model(torch.cat(views))
             with rt.autocast():
-                with torch.set_grad_enabled(cfg.update_backbone):
-                    feats = rt.forward_chunked(model.backbone, inputs)
-                logits = model.forward_features(feats)
+                feats, logits = step_model(inputs)
+            if rt.dist.enabled:
+                feats, logits = _gather_views(rt, feats, logits, len(xa), 3 if nnm else 2)
             batch_nb = batch_nearest(feats[:b]) if nnm and cfg.local_matching else None
             total = torch.zeros((), device=rt.device)
             parts: dict[str, torch.Tensor] = {}
@@ -223,6 +233,10 @@ def run_cluster(
         sink.epoch_finished(STAGE, epoch + 1, stats)
 
     assert best_state is not None
+    if not rt.dist.main:
+        stage_end(rt)
+        return {"epochs": cfg.epochs, "clusters": k, "method": cfg.method, "head": best["head"],
+                "best_epoch": best["epoch"], "head_losses": best["head_losses"], "history": history}
     atomic_torch_save(best_state, out / "model.pt")
     spec = InputSpec(
         backbone=info.backbone, in_channels=info.in_channels, image_size=info.image_size, mean=info.mean, std=info.std
@@ -247,5 +261,31 @@ def run_cluster(
         "history": history,
     }
     stage.mark_done(summary)
+    stage_end(rt)
     sink.stage_finished(STAGE, summary)
     return summary
+
+
+class _Step(torch.nn.Module):
+    """One training step's forward pass (backbone over micro-batches, then every head), as one module
+    so that DDP wraps all of it. Without `update_backbone` the backbone runs without gradients."""
+
+    def __init__(self, model: ClusteringModel, rt: Runtime, update_backbone: bool):
+        super().__init__()
+        self.model, self.rt, self.update_backbone = model, rt, update_backbone
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.set_grad_enabled(self.update_backbone and torch.is_grad_enabled()):
+            feats = self.rt.forward_chunked(self.model.backbone, inputs)
+        return feats, self.model.forward_features(feats)
+
+
+def _gather_views(
+    rt: Runtime, feats: torch.Tensor, logits: list[torch.Tensor], b: int, views: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each view's rows from every rank: (anchor of all ranks, neighbour of all ranks[, augmented ...])."""
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rt.dist.gather(t[v * b : (v + 1) * b]) for v in range(views)])
+
+    return whole(feats), [whole(lg) for lg in logits]

@@ -3,13 +3,52 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
-from ..checkpoint import file_digest
+from ..checkpoint import StageDir, file_digest
+from ..errors import CheckpointError
 from ..progress import ProgressEvent, ProgressSink, StepTimer
+from ..runtime import Runtime
 
-__all__ = ["EpochMeter", "file_digest"]
+__all__ = ["Chunked", "EpochMeter", "file_digest", "finished", "stage_end", "wait_for_main"]
+
+
+class Chunked(torch.nn.Module):
+    """`module` run over micro-batches (`Runtime.forward_chunked`) as one module, so that DDP wraps the
+    whole step's forward pass."""
+
+    def __init__(self, module: torch.nn.Module, rt: Runtime):
+        super().__init__()
+        self.module = module
+        self.rt = rt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rt.forward_chunked(self.module, x)
+
+
+def finished(stage: StageDir, rt: Runtime) -> dict[str, Any] | None:
+    """The stage's completion summary when it already finished, else None: rank 0 decides for all ranks
+    (a rank that looked later could see the marker rank 0 is about to write, and skip the collectives)."""
+    done = stage.completed() if rt.dist.main else None
+    if not rt.dist.agree(done is not None):
+        return None
+    return done if rt.dist.main else stage.completed()
+
+
+def stage_end(rt: Runtime) -> None:
+    """Every rank waits here until rank 0 has written the stage's outputs (the next stage reads them)."""
+    rt.dist.barrier()
+
+
+def wait_for_main(stage: StageDir, rt: Runtime) -> dict[str, Any]:
+    """On a rank other than 0, for a stage only rank 0 runs: wait for it, then read its summary."""
+    rt.dist.barrier()
+    done = stage.completed()
+    if done is None:
+        raise CheckpointError(f"rank 0 did not finish the {stage.stage} stage in {stage.path}")
+    return done
 
 
 class EpochMeter:

@@ -17,7 +17,7 @@ from ..estimate import eigengap_estimate, modularity_estimate, silhouette_estima
 from ..progress import ProgressSink
 from ..runtime import Runtime
 from ..visualize import criterion_curve_png
-from .common import file_digest
+from .common import file_digest, finished, stage_end, wait_for_main
 from .mine import pretext_features
 
 STAGE = "estimate"
@@ -71,10 +71,13 @@ def run_estimate(
             "pretext": file_digest(pretext_dir / "model.pt"),
             "neighbors": file_digest(mine_dir / "neighbors.npy"),
         },
+        writer=rt.dist.main,
     )
-    done = stage.completed()
+    done = finished(stage, rt)
     if done is not None:
         return done
+    if not rt.dist.main:  # a search over K on the mined graph, on rank 0
+        return wait_for_main(stage, rt)
     neighbors = np.load(mine_dir / "neighbors.npy")
     if neighbors.shape[0] != len(data):
         raise DatasetError(f"the mined neighbours cover {neighbors.shape[0]} images, the dataset has {len(data)}")
@@ -104,6 +107,7 @@ def run_estimate(
     title = f"{est.criterion}: estimated {est.k} clusters"
     criterion_curve_png(est.curve, est.k, est.criterion, out / "curve.png", title=title)
     stage.mark_done(summary)
+    stage_end(rt)
     sink.stage_finished(STAGE, summary)
     sink.message(f"estimate: {est.k} clusters ({est.criterion}, searched {k_min}..{k_max})")
     return summary

@@ -17,7 +17,7 @@ from ..mining import exact_rows, knn, neighbor_accuracy, recall_at_k
 from ..model_io import compute_outputs, load_pretext
 from ..progress import ProgressSink
 from ..runtime import Runtime
-from .common import file_digest
+from .common import file_digest, finished, stage_end, wait_for_main
 
 STAGE = "mine"
 #: Rows whose exact neighbours measure an approximate index's recall.
@@ -70,10 +70,13 @@ def run_mine(
             "data": data.fingerprint(),
             "pretext": file_digest(pretext_dir / "model.pt"),
         },
+        writer=rt.dist.main,
     )
-    done = stage.completed()
+    done = finished(stage, rt)
     if done is not None:
         return done
+    if not rt.dist.main:  # one search of the whole set, on rank 0
+        return wait_for_main(stage, rt)
     sink.stage_started(STAGE, 1, 1)
     started = time.perf_counter()
     features, feature = pretext_features(pretext_dir, data, rt, cfg.feature, cfg.batch_size)
@@ -101,5 +104,6 @@ def run_mine(
     save_npy(out / "neighbors.npy", neighbors)
     atomic_write_json(out / "metrics.json", summary)
     stage.mark_done(summary)
+    stage_end(rt)
     sink.stage_finished(STAGE, summary)
     return summary

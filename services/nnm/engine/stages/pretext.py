@@ -16,7 +16,7 @@ from ..model_io import PretextInfo, save_pretext
 from ..models import ContrastiveModel, build_backbone
 from ..progress import ProgressSink
 from ..runtime import Runtime, cosine_lr, set_lr, shuffled_batches, steps_per_epoch
-from .common import EpochMeter
+from .common import Chunked, EpochMeter, finished, stage_end
 
 STAGE = "pretext"
 
@@ -36,8 +36,9 @@ def run_pretext(
     sink = sink or ProgressSink()
     rt = Runtime(runtime_cfg or RuntimeConfig())
     out = Path(out_dir)
-    stage = StageDir(out, STAGE, {"config": cfg.model_dump(mode="json"), "data": data.fingerprint(), "seed": rt.seed})
-    done = stage.completed()
+    stage = StageDir(out, STAGE, {"config": cfg.model_dump(mode="json"), "data": data.fingerprint(), "seed": rt.seed},
+                     writer=rt.dist.main)
+    done = finished(stage, rt)
     if done is not None:
         return done
 
@@ -55,16 +56,20 @@ def run_pretext(
         feature_dim=cfg.feature_dim if cfg.epochs else None,
     )
     if cfg.epochs == 0:
-        save_pretext(None, backbone, info, out)
+        if rt.dist.main:
+            save_pretext(None, backbone, info, out)
         summary: dict[str, Any] = {"epochs": 0, "imported": cfg.init, "history": []}
         stage.mark_done(summary)
+        stage_end(rt)
         sink.stage_finished(STAGE, summary)
         return summary
 
-    model = rt.prepare(ContrastiveModel(backbone, cfg.feature_dim))
+    model = rt.dist.sync_batchnorm(rt.prepare(ContrastiveModel(backbone, cfg.feature_dim)), rt.device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     components = {"model": model, "optimizer": opt}
     start, state = stage.resume(components, sink)
+    # Every rank runs its share of each batch through DDP; the loss is the whole batch's (distributed.py).
+    step_model = rt.dist.ddp(Chunked(model, rt), rt.device)
     history: list[dict[str, float]] = state.get("history", [])
     augment = SimCLRAugment(cfg.augment, mean, std)
     images = rt.resident(data.images)
@@ -75,15 +80,16 @@ def run_pretext(
         lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs, cfg.warmup_epochs)
         set_lr(opt, lr)
         gen = rt.generator(STAGE, epoch)
+        views_gen = rt.rank_generator(gen, STAGE, epoch)
         model.train()
         meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
         for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
             meter.before_step()
-            x = rt.gather(images, idx)
-            views = torch.cat([augment(x, gen), augment(x, gen)])
+            x = rt.gather(images, rt.dist.shard(idx))
+            views = torch.cat([augment(x, views_gen), augment(x, views_gen)])
             with rt.autocast():
-                z = rt.forward_chunked(model, rt.to_model(views))
-            loss = nt_xent(z[: len(idx)], z[len(idx) :], cfg.temperature)
+                z = step_model(rt.to_model(views))
+            loss = nt_xent(rt.dist.gather(z[: len(x)]), rt.dist.gather(z[len(x) :]), cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -93,8 +99,10 @@ def run_pretext(
         stage.save(epoch + 1, components, {"history": history})
         sink.epoch_finished(STAGE, epoch + 1, stats)
 
-    save_pretext(model, model.backbone, info, out)
+    if rt.dist.main:
+        save_pretext(model, model.backbone, info, out)
     summary = {"epochs": cfg.epochs, "imported": cfg.init, "history": history}
     stage.mark_done(summary)
+    stage_end(rt)
     sink.stage_finished(STAGE, summary)
     return summary

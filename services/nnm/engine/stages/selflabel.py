@@ -19,7 +19,7 @@ from ..model_io import InputSpec, compute_outputs
 from ..progress import ProgressSink
 from ..runtime import Runtime, set_lr, shuffled_batches, steps_per_epoch
 from .cluster import head_losses, load_cluster_model
-from .common import EpochMeter, file_digest
+from .common import EpochMeter, file_digest, finished, stage_end
 
 STAGE = "selflabel"
 #: Entropy weight of the label-free SCAN loss recorded before and after self-labelling (SCAN's value).
@@ -105,13 +105,14 @@ def run_selflabel(
             "data": data.fingerprint(),
             "cluster": file_digest(cluster_dir / "model.pt"),
         },
+        writer=rt.dist.main,
     )
-    done = stage.completed()
+    done = finished(stage, rt)
     if done is not None:
         return done
     model, meta = load_cluster_model(cluster_dir)
     spec = InputSpec.model_validate(meta["input"])
-    model = rt.prepare(model)
+    model = rt.dist.sync_batchnorm(rt.prepare(model), rt.device)
     ema = copy.deepcopy(model).eval() if cfg.ema_decay else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     set_lr(opt, cfg.lr)
@@ -119,6 +120,7 @@ def run_selflabel(
     if ema is not None:
         components["ema"] = ema
     start, state = stage.resume(components, sink)
+    student = rt.dist.ddp(model, rt.device)
     history: list[dict[str, Any]] = state.get("history", [])
     augment = StrongAugment(cfg.augment, spec.mean, spec.std)
     normalize = Normalize(spec.mean, spec.std)
@@ -135,18 +137,21 @@ def run_selflabel(
     sink.stage_started(STAGE, cfg.epochs, steps)
     for epoch in range(start, cfg.epochs):
         gen = rt.generator(STAGE, epoch)
+        views_gen = rt.rank_generator(gen, STAGE, epoch)
         meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
         for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
             meter.before_step()
-            x = rt.gather(images, idx)
+            x = rt.gather(images, rt.dist.shard(idx))
             teacher = ema if ema is not None else model
             teacher.eval()
             with torch.no_grad(), rt.autocast():
                 _, weak = teacher(rt.to_model(normalize(x)))
             model.train()
             with rt.autocast():
-                _, strong = model(rt.to_model(augment(x, gen)))
-            loss, confident = selflabel_loss(weak[0], strong[0], cfg.threshold, cfg.class_balance)
+                _, strong = student(rt.to_model(augment(x, views_gen)))
+            # The whole batch's confident samples and class weights, whichever rank holds them.
+            loss, confident = selflabel_loss(rt.dist.gather(weak[0]), rt.dist.gather(strong[0]), cfg.threshold,
+                                             cfg.class_balance)
             opt.zero_grad(set_to_none=True)
             if confident:  # a batch without confident samples teaches nothing (no weight decay step either)
                 loss.backward()
@@ -160,9 +165,12 @@ def run_selflabel(
         sink.epoch_finished(STAGE, epoch + 1, stats)
 
     final = ema if ema is not None else model
+    summary: dict[str, Any] = {"epochs": cfg.epochs, "history": history}
+    if not rt.dist.main:
+        stage_end(rt)
+        return summary
     atomic_torch_save({k: v.detach().cpu() for k, v in final.state_dict().items()}, out / "model.pt")
     atomic_write_json(out / "meta.json", meta | {"heads": 1, "head": 0, "selflabel": True})
-    summary: dict[str, Any] = {"epochs": cfg.epochs, "history": history}
     if pool is not None:
         probs = _probs(final, data, normalize, rt)
         quality = label_free_quality(probs, pool)
@@ -174,5 +182,6 @@ def run_selflabel(
             improved=keep_selflabelled(state["quality_before"], quality),
         )
     stage.mark_done(summary)
+    stage_end(rt)
     sink.stage_finished(STAGE, summary)
     return summary

@@ -28,6 +28,8 @@ def attempt_dir(workdir: Path, attempt: int) -> Path:
 def _write_result(workdir: Path, attempt: int, result: dict) -> None:
     from nnm.engine.checkpoint import atomic_write_json
 
+    if os.environ.get("RANK", "0") != "0":  # one of several ranks (worker/launch.py): rank 0 reports
+        return
     atomic_write_json(attempt_dir(workdir, attempt) / "result.json", result)
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from api_schemas import JobStatus
 from nnm.engine.config import PipelineConfig
 from nnm.engine.data import LoadLimits, load_dataset
+from nnm.engine.distributed import from_env
 from nnm.engine.errors import NNMError
 from nnm.engine.export import export_model
 from nnm.engine.model_io import TrainedModel
@@ -230,11 +231,13 @@ class ServiceSink(ProgressSink):
         return self.status == JobStatus.cancelling.value
 
 
-def _materialize_dataset(ctx: ServiceContext, dataset: Any, workdir: Path) -> str:
+def _materialize_dataset(ctx: ServiceContext, dataset: Any, workdir: Path, fetch: bool = True) -> str:
+    """The dataset's spec for the engine: a built-in's name, or the local copy of the upload (downloaded
+    unless `fetch` is False: a rank other than 0, which reads rank 0's copy)."""
     if dataset.kind == "builtin":
         return dataset_spec(dataset)
     local = workdir / "dataset.zip"
-    if not local.exists():
+    if fetch and not local.exists():
         ctx.store.get_file(dataset.key, local)
     return str(local)
 
@@ -260,27 +263,33 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
     # another attempt left on this machine.
     out = attempt_dir(workdir, attempt) / "out"
     out.mkdir(parents=True, exist_ok=True)
-    restore_job(ctx, job.id, attempt, out)
-    spec = _materialize_dataset(ctx, dataset, workdir)
+    # A job on several processes (worker/launch.py): rank 0 fetches, reports and uploads; the others
+    # wait for its files, then train beside it with a silent sink.
+    ranks = from_env()
+    if ranks.main:
+        restore_job(ctx, job.id, attempt, out)
+    spec = _materialize_dataset(ctx, dataset, workdir, fetch=ranks.main)
     params = job.params
     init = (params.get("pretext") or {}).get("init") if isinstance(params.get("pretext"), dict) else None
     if isinstance(init, str) and init.startswith(BACKBONE_PREFIX):  # an uploaded backbone: fetch it
         local = workdir / "backbone.pt"
-        if not local.exists():  # checked again here: the id is an id, and only the owner's is reachable
+        if not local.exists() and ranks.main:  # checked again here: the id is an id, and only the owner's is reachable
             ctx.store.get_file(backbone_key(job.owner, uploaded_backbone(init) or ""), local)
         params = {**params, "pretext": {**params["pretext"], "init": str(local)}}
-    cfg: PipelineConfig = resolve(dataset, params, ctx.settings.device, spec=spec)
     inputs = job.inputs or {}
-    for name, stage in INPUT_STAGE.items():
-        if inputs.get(name) and not (out / stage / "done.json").exists():
-            restore_stages(ctx, inputs[name], (stage,), out)
+    if ranks.main:
+        for name, stage in INPUT_STAGE.items():
+            if inputs.get(name) and not (out / stage / "done.json").exists():
+                restore_stages(ctx, inputs[name], (stage,), out)
+    ranks.barrier()
+    cfg: PipelineConfig = resolve(dataset, params, ctx.settings.device, spec=spec)
     stages = stages_of(job.type, cfg)
-    sink = ServiceSink(ctx, job, attempt, out, stages)
+    sink: ProgressSink = ServiceSink(ctx, job, attempt, out, stages) if ranks.main else ProgressSink()
     rt = cfg.runtime
     d = cfg.data
 
     def data_for(split: str | None = None):
-        return load_dataset(spec, split, d.image_size, d.root, limits=_limits(ctx))
+        return load_dataset(spec, split, d.image_size, d.root, limits=_limits(ctx), cache=d.cache_policy())
 
     if job.type == "pipeline":
         metrics = run_pipeline(cfg, out, sink)
@@ -297,12 +306,16 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
             run_cluster(cfg.cluster, data, out / "pretext", out / "mine", out / "cluster", rt, sink)
         else:
             run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink)
+        if not ranks.main:
+            return {"metrics": None, "model_id": None}
         sink.stage_started("evaluate", 1, 1)
         trained = export_model(out / job.type, data, out / "model")
         mined = out / "mine" / "neighbors.npy"
         metrics = run_evaluate(trained, data, out, cfg.evaluate, rt,
                                gallery_neighbors=np.load(mined) if mined.exists() else None)
         sink.stage_finished("evaluate", metrics)
+    elif not ranks.main:  # evaluate: nothing to train
+        return {"metrics": None, "model_id": None}
     else:  # evaluate
         model_row = ctx.jobs.get_model(inputs["model_id"])
         model_dir = attempt_dir(workdir, attempt) / "input-model"
@@ -311,6 +324,9 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
         metrics = run_evaluate(TrainedModel.load(model_dir), data_for(), out, cfg.evaluate, rt)
         sink.stage_finished("evaluate", metrics)
 
+    if not ranks.main:
+        return {"metrics": None, "model_id": None}
+    assert isinstance(sink, ServiceSink)
     # Final files: metrics, pictures, assignments (top level of `out`) and the model.
     sink.upload_files([p for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")])
     if (out / "gallery" / "clusters.json").exists():

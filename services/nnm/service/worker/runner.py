@@ -120,7 +120,12 @@ def _execute(ctx: ServiceContext, job_id: str, stop: Any, started: dict[str, Any
     env["NNM_PARENT_PID"] = str(os.getpid())
     # Built-in datasets download once per worker into its cache, not next to the job store.
     env["NNM_DATASETS_DIR"] = str((settings.datasets_dir or settings.cache_dir / "datasets").resolve())
+    # Large sets are decoded once per worker machine and memory-mapped by every job on them, in bounds.
+    env["NNM_CACHE_DIR"] = str(settings.decoded_dir.resolve())
+    env["NNM_CACHE_MAX_BYTES"] = str(settings.decoded_cache_max_bytes)
     cmd = [sys.executable, "-m", "nnm.service.worker.child", job_id, str(attempt), str(workdir)]
+    if settings.processes_per_job > 1:  # one process per GPU, started by torchrun (see worker/launch.py)
+        cmd = [sys.executable, "-m", "nnm.service.worker.launch", str(settings.processes_per_job), *cmd[3:]]
     with open(workdir / "child.log", "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     cancel_seen: float | None = None
