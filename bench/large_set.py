@@ -16,6 +16,7 @@ cache directory afterwards (several GB at 1,000,000 images).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -69,7 +70,7 @@ def _make_chunk(args: tuple[int, int, int]) -> list[tuple[str, bytes]]:
     out = []
     for i in range(start, start + count):
         j = int(rng.integers(len(images)))
-        side = int(round(32 * np.sqrt(rng.uniform(0.5, 1.0))))
+        side = round(32 * float(np.sqrt(rng.uniform(0.5, 1.0))))
         x, y = (int(v) for v in rng.integers(0, 32 - side + 1, 2))
         img = Image.fromarray(images[j][y : y + side, x : x + side]).resize((32, 32), Image.BILINEAR)
         if rng.random() < 0.5:
@@ -151,10 +152,8 @@ def pipeline(data: Path, cache_dir: Path, out: Path, settings: list[str]) -> dic
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
-        try:
+        with contextlib.suppress(OSError, RuntimeError):  # the process may end between the two calls
             peak = max(peak, _status("VmRSS", str(proc.pid)))
-        except (OSError, RuntimeError):
-            pass
         time.sleep(0.2)
     metrics = json.loads((out / "metrics.json").read_text()) if proc.returncode == 0 else {}
     row = {"case": "pipeline", "rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
