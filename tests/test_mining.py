@@ -95,8 +95,11 @@ def test_mine_stage_reports_the_index_recall(tmp_path):
     rt = RuntimeConfig(seed=0)
     run_pretext(PretextConfig(epochs=1, batch_size=128, backbone={"arch": "resnet18-cifar", "width": 8}), data,
                 tmp_path / "pretext", rt)
-    exact = run_mine(MineConfig(topk=10), data, tmp_path / "pretext", tmp_path / "exact", rt)
-    approx = run_mine(MineConfig(topk=10, index="ivf", ivf_probe=4), data, tmp_path / "pretext", tmp_path / "ivf", rt)
+    # Backbone features: after one epoch the contrastive head's outputs can be all but equal (on an AVX2-only
+    # CPU in fp32 their spread was 1e-4), and among ties any index's neighbours are as right as exact ones.
+    exact = run_mine(MineConfig(topk=10, feature="backbone"), data, tmp_path / "pretext", tmp_path / "exact", rt)
+    approx = run_mine(MineConfig(topk=10, feature="backbone", index="ivf", ivf_probe=4), data, tmp_path / "pretext",
+                      tmp_path / "ivf", rt)
     assert exact["index"] == "exact" and "recall_at_topk" not in exact
     assert approx["index"] == "ivf" and 0.5 <= approx["recall_at_topk"] <= 1.0
     a, e = np.load(tmp_path / "ivf" / "neighbors.npy"), np.load(tmp_path / "exact" / "neighbors.npy")
