@@ -839,21 +839,19 @@ def load_image_folder(
     """
     limits = limits or LoadLimits()
     request = {"split": split, "image_size": image_size}
+    described: dict[str, Any] | None = None  # the source, as cache keys name it
     if cache is not None and path.is_file():  # an archive's key needs no listing: try the cache first
-        hit = cached_set(cache, cache_key({"source": archive_source(path), **request}))
+        described = archive_source(path)
+        hit = cached_set(cache, cache_key({"source": described, **request}))
         if hit is not None:
             return hit
     with _open_folder(path, limits) as archive:
         entries = _list_entries(path, archive, limits)
-        described: dict[str, Any] | None = None  # the source, as cache keys name it
-        if cache is not None:
-            if archive is None:
-                described = folder_source(path, [(str(e.relpath), *(e.stamp or (0, 0))) for e in entries])
-                hit = cached_set(cache, cache_key({"source": described, **request}))
-                if hit is not None:
-                    return hit
-            else:
-                described = archive_source(path)
+        if cache is not None and archive is None:
+            described = folder_source(path, [(str(e.relpath), *(e.stamp or (0, 0))) for e in entries])
+            hit = cached_set(cache, cache_key({"source": described, **request}))
+            if hit is not None:
+                return hit
         paths = [e.relpath for e in entries]
         layout = _split_layout(paths)
         split_labels: np.ndarray | None = None
@@ -945,13 +943,12 @@ def _from_entry(entry: CachedSet) -> ImageSet:
     return data
 
 
-def _cache_io(fn: Callable[[], T], cache: CachePolicy | None) -> T:
+def _cache_io(fn: Callable[[], T], cache: CachePolicy) -> T:
     """`fn()`, with a failure to write the cache (disk full, no permission) said in one sentence."""
     try:
         return fn()
     except OSError as exc:
-        where = cache.directory if cache is not None else "the cache"
-        raise DatasetError(f"cannot write the decoded-image cache in '{where}' ({exc.strerror or exc}); free "
+        raise DatasetError(f"cannot write the decoded-image cache in '{cache.directory}' ({exc.strerror or exc}); free "
                            "space there, set data.cache_dir elsewhere, or data.cache=off") from None
 
 
