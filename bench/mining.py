@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/mining.py exact --n 200000      # knn (exact, chunked) vs IndexFlatIP.search once
     .venv/bin/python bench/mining.py approx --n 1000000    # knn(index="ivf"): time, memory, recall@20
+    .venv/bin/python bench/mining.py nearest --n 200000    # nearest_other (NNM's global memory): exact vs ivf
 
 Every case runs in a fresh process of its own, so its peak resident memory (VmHWM) is its own; memory
 is reported above the features (the process after generating them) and in all. Features are
@@ -49,7 +50,7 @@ def run_case(case: str, n: int, d: int, k: int, sample: int, params: dict) -> di
     # Every import before the clock and the memory baseline: torch alone is ~0.7 GB and seconds.
     import faiss
     import numpy as np
-    from nnm.engine.mining import exact_rows, knn, recall_at_k
+    from nnm.engine.mining import exact_rows, knn, nearest_other, recall_at_k
 
     x = features(n, d)
     base = _status("VmRSS")
@@ -61,6 +62,26 @@ def run_case(case: str, n: int, d: int, k: int, sample: int, params: dict) -> di
         index.search(x, k + 2)
     elif case == "knn-exact":
         knn(x, k)
+    elif case.startswith("nearest-"):
+        import torch
+
+        found = nearest_other(torch.from_numpy(x), index=case.removeprefix("nearest-"))
+        result["seconds"] = time.perf_counter() - started
+        result["peak_before_check"] = _status("VmHWM")
+        # Against the exact answer on a sample of rows: same row found, and how much farther when not.
+        rows = torch.from_numpy(np.random.default_rng(1).choice(n, sample, replace=False))
+        xt = torch.from_numpy(x)
+        best, got = torch.empty(sample), torch.empty(sample)
+        for start in range(0, sample, 100):
+            part = rows[start : start + 100]
+            dist = torch.cdist(xt[part], xt)
+            dist[torch.arange(len(part)), part] = float("inf")
+            best[start : start + 100] = dist.min(dim=1).values
+            got[start : start + 100] = dist[torch.arange(len(part)), torch.from_numpy(found[part.numpy()])]
+        result["same_as_exact"] = float((got == best).float().mean())
+        ratio = got / best.clamp_min(1e-12)
+        result["distance_ratio_p50_p99"] = [float(ratio.median()), float(ratio.quantile(0.99))]
+        result["sample"] = sample
     else:
         idx, _ = knn(x, k, index=case.removeprefix("knn-"), index_params=params)
         result["seconds"] = time.perf_counter() - started
@@ -71,7 +92,7 @@ def run_case(case: str, n: int, d: int, k: int, sample: int, params: dict) -> di
         result["seconds_recall_reference"] = time.perf_counter() - t0
         result["params"] = params
     result.setdefault("seconds", time.perf_counter() - started)
-    peak = _status("VmHWM")
+    peak = result.pop("peak_before_check", None) or _status("VmHWM")
     result.update(features_gib=x.nbytes / 2**30, peak_gib=peak / 2**30, peak_above_features_gib=(peak - base) / 2**30)
     return result
 
@@ -97,7 +118,7 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=["exact", "approx", "_case"])
+    p.add_argument("mode", choices=["exact", "approx", "nearest", "_case"])
     p.add_argument("case", nargs="?")
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--d", type=int, default=512)
@@ -116,6 +137,9 @@ def main() -> None:
         ours = in_child("knn-exact", args, {})
         ours["ratio_to_raw_faiss"] = ours["seconds"] / raw["seconds"]
         print(json.dumps(ours), flush=True)
+    elif args.mode == "nearest":
+        for case in ("nearest-exact", "nearest-ivf"):
+            print(json.dumps(in_child(case, args, {})), flush=True)
     else:
         print(json.dumps(in_child(f"knn-{args.index}", args, json.loads(args.params))), flush=True)
 

@@ -57,6 +57,26 @@ def clustered(n: int, d: int, centers: int, seed: int = 0) -> torch.Tensor:
     return c[torch.randint(centers, (n,), generator=g)] + 0.35 * torch.randn(n, d, generator=g)
 
 
+def test_nearest_other_through_an_ivf_index_finds_close_rows_and_never_self(monkeypatch):
+    x = clustered(6000, 32, 40, seed=5)
+    x[100] = x[200]  # a duplicate: its nearest other row is its twin, at distance 0
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    exact = d.argmin(1).numpy()
+    approx = nearest_other(x, index="ivf", chunk=1000)
+    rows = np.arange(len(x))
+    assert approx.shape == (6000,) and (approx != rows).all() and approx.min() >= 0 and approx.max() < 6000
+    assert approx[100] == 200 and approx[200] == 100
+    # Approximate: most rows get the exact answer, and the others a row barely farther away.
+    assert (approx == exact).mean() >= 0.9
+    ratio = d[rows, approx] / d[rows, exact].clamp_min(1e-6)
+    assert float(ratio.median()) == 1.0 and float(ratio.quantile(0.99)) < 1.2
+    # auto: exact below the threshold, the IVF index from it.
+    assert (nearest_other(x, index="auto") == exact).all()
+    monkeypatch.setattr("nnm.engine.mining.NEAREST_EXACT_MAX", 5000)
+    assert (nearest_other(x, index="auto", chunk=1000) == approx).all()
+
+
 @pytest.mark.parametrize("index, params", [("ivf", {"ivf_probe": 8}), ("hnsw", {"hnsw_m": 16, "ef_search": 64})])
 def test_approximate_index_finds_most_exact_neighbours(index, params):
     x = clustered(4000, 32, 40)

@@ -224,6 +224,10 @@ class ClusterConfig(Strict):
     #: NNM terms (ignored by method=scan).
     local_matching: bool = True
     global_matching: bool = True
+    #: How NNM's global memory finds each image's nearest other image after every epoch: exact (a
+    #: blocked search, time growing with N squared), ivf (a faiss IVF index with 8-bit codes: near
+    #: linear time, a quarter of the features' memory), or auto (exact below 200,000 images).
+    global_index: Literal["auto", "exact", "ivf"] = "auto"
     cluster_temperature: float = Field(1.0, gt=0)
     augment: StrongAugmentConfig = Field(default_factory=StrongAugmentConfig)
 

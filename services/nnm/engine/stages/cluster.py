@@ -162,7 +162,7 @@ def run_cluster(
         losses = head_losses(probs, pool, cfg.entropy_weight)
         mem = None
         if use_global:
-            nearest = torch.from_numpy(nearest_other(feats, rt.device))
+            nearest = torch.from_numpy(nearest_other(feats, rt.device, index=cfg.global_index))
             mem = torch.stack([p[nearest] for p in probs])
         return losses, mem
 
