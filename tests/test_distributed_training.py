@@ -119,7 +119,8 @@ def test_two_ranks_follow_one_process_and_resume_alone_after_a_rank_is_killed(tm
 def test_the_pipeline_under_torchrun_writes_once_from_rank_zero(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([*TORCHRUN, "-m", "nnm.cli.main", "pipeline", "--dataset", "digits", "--preset", "quick",
-                           "--out", str(out), "--set", "runtime.threads=1"],
+                           "--out", str(out), "--set", "runtime.threads=1", "--set", "data.cache=on",
+                           "--set", f"data.cache_dir={tmp_path / 'cache'}"],
                           env=ENV, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"acc"') == 1  # one headline: rank 0's
@@ -129,3 +130,8 @@ def test_the_pipeline_under_torchrun_writes_once_from_rank_zero(tmp_path):
         done = json.loads((out / stage / "done.json").read_text())
         assert done["stage"] == stage and not (out / stage / "checkpoint.pt").exists()
     assert (out / "model" / "model.pt").exists()
+    # One complete entry per size the run asked for: 8 px (the native size, read to choose the preset)
+    # and 16 px (training); rank 0 wrote the training one first, rank 1 mapped it.
+    entries = sorted(json.loads(f.read_text())["shape"] for f in (tmp_path / "cache").glob("*.json"))
+    assert entries == [[1797, 1, 8, 8], [1797, 1, 16, 16]], entries
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and not list((tmp_path / "cache").glob("*.part"))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +109,20 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    @contextmanager
+    def main_first(self, needed: bool = True) -> Iterator[None]:
+        """Rank 0 runs the body first, then the other ranks do: rank 0 writes what they reuse (a data
+        set's decoded-image cache, say). If rank 0's body fails, the others are released all the same.
+        With `needed` False every rank runs it at once."""
+        ordered = needed and self.enabled
+        if ordered and not self.main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if ordered and self.main:
+                self.barrier()
 
     def agree(self, value: bool) -> bool:
         """Rank 0's `value` on every rank (a decision all ranks must take alike)."""

@@ -86,18 +86,18 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     started = time.perf_counter()
     d = cfg.data
     cache = d.cache_policy()
-    if cache is not None and not ranks.main:
-        ranks.barrier()  # rank 0 decodes a large set into the cache once; the others then map it
-    data = load_dataset(d.dataset, d.split, d.image_size, d.root, cache=cache)
-    if cache is not None and ranks.main:
-        ranks.barrier()
+    # Rank 0 decodes a large set into the cache once; the other ranks then map it.
+    with ranks.main_first(cache is not None):
+        data = load_dataset(d.dataset, d.split, d.image_size, d.root, cache=cache)
     auto_k = cfg.cluster.clusters == "auto"
     k = None if auto_k else resolve_clusters(cfg.cluster.clusters, data)
     if cfg.mine.topk >= len(data):
         raise DatasetError(f"the dataset has {len(data)} images, too few for {cfg.mine.topk} neighbours each")
     pretext_data = data
     if d.pretext_split and d.pretext_split != (d.split or "train"):
-        pretext_data = load_dataset(d.dataset, d.pretext_split, d.image_size or data.image_size, d.root, cache=cache)
+        with ranks.main_first(cache is not None):
+            pretext_data = load_dataset(d.dataset, d.pretext_split, d.image_size or data.image_size, d.root,
+                                        cache=cache)
     rt = cfg.runtime
     timings: dict[str, Any] = {}
 
