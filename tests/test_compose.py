@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from nnm.service.settings import ENV_PREFIX, Settings, load_settings
+from nnm.service.settings import ENV_NAMES, ENV_PREFIX, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -46,7 +46,6 @@ CONNECTION_VARS = (
     "NNM_S3_BUCKET",
     "NNM_S3_PUBLIC_ENDPOINT",
 )
-FIELDS = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
 #: Compose variables that must never have a default: `docker compose up` refuses to start without them.
 SECRET_VARS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "NNM_S3_ACCESS_KEY", "NNM_S3_SECRET_KEY")
 WORKERS = ("worker-cpu", "worker-gpu")
@@ -338,7 +337,7 @@ def test_redis_is_a_durable_broker(compose: dict[str, Any]) -> None:
 def test_compose_env_names_are_settings_fields(compose: dict[str, Any], compose_gpu: dict[str, Any]) -> None:
     for doc in (compose, compose_gpu):
         for name, service in doc["services"].items():
-            unknown = {k for k in _env(service) if k.startswith(ENV_PREFIX)} - FIELDS
+            unknown = {k for k in _env(service) if k.startswith(ENV_PREFIX)} - ENV_NAMES
             assert not unknown, f"{name}: {sorted(unknown)} are not fields of Settings"
 
 
@@ -511,8 +510,8 @@ def test_dockerignore_keeps_the_context_small() -> None:
 def test_env_example_lists_every_setting() -> None:
     values = _env_example()
     names = {k for k in values if k.startswith(ENV_PREFIX)}
-    assert FIELDS - names == set(), f"missing from .env.example: {sorted(FIELDS - names)}"
-    assert names - FIELDS == set(), f"not fields of Settings: {sorted(names - FIELDS)}"
+    assert ENV_NAMES - names == set(), f"missing from .env.example: {sorted(ENV_NAMES - names)}"
+    assert names - ENV_NAMES == set(), f"not fields of Settings: {sorted(names - ENV_NAMES)}"
     for var in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
         assert var in values, var
 

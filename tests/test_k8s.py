@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 import yaml
-from nnm.service.settings import ENV_PREFIX, Settings
+from nnm.service.settings import ENV_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
-FIELDS = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
 POD_KINDS = {"Deployment", "Job"}
 #: Volume types the "restricted" Pod Security level allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
@@ -141,20 +140,20 @@ def test_settings_secrets_and_migrations(overlay: str) -> None:
     the schema is migrated by the migrate Job alone; the Secret is a template outside the overlays."""
     objects = render(overlay)
     config = objects[("ConfigMap", "nnm-config")]["data"]
-    assert set(config) <= FIELDS, set(config) - FIELDS
+    assert set(config) <= ENV_NAMES, set(config) - ENV_NAMES
     assert config["NNM_AUTH"] == "required"
     assert config["NNM_AUTO_MIGRATE"] == "false", "gateways must not race on the schema"
     assert not any(kind == "Secret" for kind, _ in objects), "placeholders must never be applied"
     secrets = secret_templates()
     stored = secrets["nnm-secrets"]["stringData"]
-    assert set(stored) <= FIELDS and not set(stored) & set(config)
+    assert set(stored) <= ENV_NAMES and not set(stored) & set(config)
     assert all("CHANGE_ME" in v for s in secrets.values() for v in s["stringData"].values())
     assert "NNM_AUTH" not in stored
     for name, template in pods(objects):
         for c in template["spec"]["containers"]:
             refs = {r.get("configMapRef", {}).get("name") or r.get("secretRef", {}).get("name") for r in c["envFrom"]}
             assert refs == {"nnm-config", "nnm-secrets"}, name
-            assert set(env_of(c)) <= FIELDS - {"NNM_AUTH", "NNM_AUTO_MIGRATE"}, name
+            assert set(env_of(c)) <= ENV_NAMES - {"NNM_AUTH", "NNM_AUTO_MIGRATE"}, name
     job = objects[("Job", "nnm-migrate")]["spec"]["template"]["spec"]["containers"][0]
     assert job["command"] == ["nnm", "migrate"]
     # The admin key reaches the gateway alone, from its own optional Secret.

@@ -61,12 +61,17 @@ def _clusters_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of clusters or 'auto', got {text!r}") from None
 
 
+def _scopes_arg(text: str) -> list[str]:
+    """`--scopes a,b`: the names, blanks dropped (the key store checks them)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def _add_key_actions(p: argparse.ArgumentParser) -> None:
     """`create`, `list` and `revoke` under `nnm keys` and `nnm remote keys`."""
     keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = keys.add_parser("create", help="create a key and print it (it is shown only once)")
     k.add_argument("--name", required=True)
-    k.add_argument("--scopes", default="read,write",
+    k.add_argument("--scopes", default=["read", "write"], type=_scopes_arg,
                    help="comma-separated: read, write, metrics (Prometheus), admin (manage keys over HTTP)")
     k.add_argument("--max-running", type=int, help="jobs this key may run at once")
     k.add_argument("--max-queued", type=int, help="queued + running jobs this key may have")
@@ -152,9 +157,9 @@ def manage_keys(args: argparse.Namespace) -> int:
     store = KeyStore(ctx.jobs)
     try:
         if args.keys_command == "create":
-            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
             try:
-                key, row = store.create(args.name, scopes, args.max_running, args.max_queued, args.uploads_per_minute)
+                key, row = store.create(args.name, args.scopes, args.max_running, args.max_queued,
+                                        args.uploads_per_minute)
             except ValueError as exc:
                 print(f"nnm: error: {exc}", file=sys.stderr)
                 return EXIT_USER_ERROR

@@ -304,8 +304,7 @@ def _assign(client: Any, args: argparse.Namespace, overrides: Any) -> int:
 
 def _keys(client: Any, args: argparse.Namespace, overrides: Any) -> int:
     if args.keys_command == "create":
-        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-        _emit(client.create_key(args.name, scopes, max_running_jobs=args.max_running,
+        _emit(client.create_key(args.name, args.scopes, max_running_jobs=args.max_running,
                                 max_queued_jobs=args.max_queued, uploads_per_minute=args.uploads_per_minute))
         print("nnm: store the key now; only its hash is kept", file=sys.stderr)
     elif args.keys_command == "list":

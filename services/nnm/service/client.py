@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,20 +102,26 @@ class Client:
             time.sleep(poll_s)
 
     def artifact(self, job_id: str, name: str) -> bytes:
-        r = self._check(self.http.get(f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=False))
-        if r.status_code == 307:
-            return self._check(httpx.get(r.headers["location"], timeout=60)).content
-        return r.content
+        """The bytes of artifact `name` of a job (a redirect to S3 followed without the API key)."""
+        with self._artifact_stream(job_id, name) as r:
+            return r.read()
 
     def download(self, job_id: str, name: str, dest: Path) -> int:
         """Stream artifact `name` of a job into file `dest` (written whole or not at all); returns its size.
         A redirect to S3 is followed without this client's API key."""
-        tmp = dest.with_name(dest.name + ".part")
+        with self._artifact_stream(job_id, name) as r:
+            return _save(r, dest.with_name(dest.name + ".part"), dest)
+
+    @contextmanager
+    def _artifact_stream(self, job_id: str, name: str) -> Iterator[httpx.Response]:
+        """The open response carrying an artifact's bytes: the gateway's own, or S3's when the gateway
+        redirects there (a presigned URL, so this client's Authorization header is not sent)."""
         with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", follow_redirects=False) as r:
-            if r.status_code == 307:
-                with httpx.stream("GET", r.headers["location"], timeout=self.http.timeout) as s3:
-                    return _save(self._checked_stream(s3), tmp, dest)
-            return _save(self._checked_stream(r), tmp, dest)
+            if r.status_code != 307:
+                yield self._checked_stream(r)
+                return
+            with httpx.stream("GET", r.headers["location"], timeout=self.http.timeout) as s3:
+                yield self._checked_stream(s3)
 
     def _checked_stream(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:

@@ -136,6 +136,8 @@ class Settings(BaseModel):
 
 
 ENV_PREFIX = "NNM_"
+#: Every environment variable the settings read (what docker-compose, .env.example and the manifests may set).
+ENV_NAMES = frozenset(f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields)
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
