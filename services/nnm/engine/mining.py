@@ -76,15 +76,21 @@ def _approximate_index(features: torch.Tensor, kind: str, params: dict[str, int]
     lists = params.get("ivf_lists") or ivf_lists_for(n)
     quantizer = faiss.IndexFlatIP(d)
     index = _on_gpu(faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT), use_gpu)
-    # k-means of the coarse quantizer on a sample (40 points a list, just above faiss' minimum of 39),
-    # 10 iterations: the lists only have to partition the space, and training stays cheap on a CPU.
-    rows = np.arange(n) if n <= 40 * lists else np.sort(np.random.default_rng(0).choice(n, 40 * lists, replace=False))
     if hasattr(index, "cp"):
         index.cp.niter = 10
-    index.train(unit_rows(features[torch.as_tensor(rows)]))
+    index.train(unit_rows(features[torch.as_tensor(_training_rows(n, lists))]))
     _add(index, features, chunk)
     index.nprobe = min(lists, params.get("ivf_probe", 32))
     return index
+
+
+def _training_rows(n: int, lists: int) -> np.ndarray:
+    """Rows an IVF quantizer's k-means is trained on: a sample of 40 a list (just above faiss' minimum of
+    39), with 10 iterations set by the caller: the lists only have to partition the space, and training
+    stays cheap on a CPU."""
+    if n <= 40 * lists:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, 40 * lists, replace=False))
 
 
 def ivf_lists_for(n: int) -> int:
@@ -245,14 +251,17 @@ def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int) -> np.ndarray:
     quantizer = faiss.IndexFlatL2(d)
     index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
     index.cp.niter = 10
-    rows = np.arange(n) if n <= 40 * lists else np.sort(np.random.default_rng(0).choice(n, 40 * lists, replace=False))
-    index.train(x[torch.as_tensor(rows)].float().contiguous().numpy())
+
+    def float32(rows: torch.Tensor) -> np.ndarray:
+        return rows.float().contiguous().numpy()
+
+    index.train(float32(x[torch.as_tensor(_training_rows(n, lists))]))
     for start in range(0, n, chunk):
-        index.add(x[start : start + chunk].float().contiguous().numpy())
+        index.add(float32(x[start : start + chunk]))
     index.nprobe = min(lists, probe)
     out = np.empty(n, dtype=np.int64)
     for start in range(0, n, chunk):
-        _, found = index.search(x[start : start + chunk].float().contiguous().numpy(), 2)
+        _, found = index.search(float32(x[start : start + chunk]), 2)
         own = np.arange(start, start + len(found))
         # Self is usually first; with duplicates (or quantisation ties) it may come second or not at all.
         out[start : start + len(found)] = np.where(found[:, 0] == own, found[:, 1], found[:, 0])
