@@ -1,6 +1,7 @@
 """Run by tests/test_distributed_training.py under `torchrun --nproc-per-node 2`: one SimCLR step and one
 SCAN step on a global batch split over the ranks, with the engine's DDP helpers, against the same step in
-one process on the whole batch. Rank 0 writes the largest gradient difference of each into argv[1].
+one process on the whole batch; and NNM's nearest-other search answered by blocks of rows, one per rank,
+then gathered, against the whole search. Rank 0 writes what it found into argv[1].
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from nnm.engine.config import BackboneConfig
 from nnm.engine.distributed import Distributed, from_env, unwrap
 from nnm.engine.losses import nt_xent, scan_loss
+from nnm.engine.mining import nearest_other
 from nnm.engine.models import ClusteringModel, ContrastiveModel, build_backbone
 
 
@@ -57,6 +59,14 @@ def main(out: str) -> None:
             results[kind] = {"max_abs_diff": max(float((got[k] - want[k]).abs().max()) for k in want),
                              "max_abs_grad": max(float(want[k].abs().max()) for k in want),
                              "params": len(want)}
+    # The cluster stage's global memory: each rank searches its block of rows against all of them.
+    feats = torch.randn(301, 16, generator=torch.Generator().manual_seed(2))
+    lo, hi = ranks.rows(len(feats))
+    gathered = ranks.gather_rows(torch.from_numpy(nearest_other(feats, chunk=64, rows=(lo, hi))))
+    if ranks.main:
+        whole = torch.from_numpy(nearest_other(feats))
+        results["nearest_other"] = {"rows": [lo, hi], "equal": bool(torch.equal(gathered, whole)),
+                                    "dtype": str(gathered.dtype), "n": len(gathered)}
     if ranks.main:
         with open(out, "w") as f:
             json.dump(results, f)

@@ -48,6 +48,12 @@ def test_nearest_other_matches_brute_force():
     d = torch.cdist(x, x)
     d.fill_diagonal_(float("inf"))
     assert (nearest_other(x, chunk=37) == d.argmin(1).numpy()).all()
+    # Blocks of rows (one per rank of a distributed job) put together give the whole answer.
+    blocks = [nearest_other(x, chunk=37, rows=(lo, hi)) for lo, hi in [(0, 100), (100, 100), (100, 300)]]
+    assert [len(b) for b in blocks] == [100, 0, 200]
+    assert (np.concatenate(blocks) == d.argmin(1).numpy()).all()
+    with pytest.raises(ValueError, match="outside"):
+        nearest_other(x, rows=(200, 301))
 
 
 def clustered(n: int, d: int, centers: int, seed: int = 0) -> torch.Tensor:
@@ -67,6 +73,8 @@ def test_nearest_other_through_an_ivf_index_finds_close_rows_and_never_self(monk
     rows = np.arange(len(x))
     assert approx.shape == (6000,) and (approx != rows).all() and approx.min() >= 0 and approx.max() < 6000
     assert approx[100] == 200 and approx[200] == 100
+    halves = [nearest_other(x, index="ivf", chunk=1000, rows=r) for r in [(0, 150), (150, 6000)]]
+    assert (np.concatenate(halves) == approx).all()
     # Approximate: most rows get the exact answer, and the others a row barely farther away.
     assert (approx == exact).mean() >= 0.9
     ratio = d[rows, approx] / d[rows, exact].clamp_min(1e-6)

@@ -213,35 +213,39 @@ NEAREST_EXACT_MAX = 200_000
 
 
 def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", chunk: int = 16384,
-                  index: str = "exact", probe: int = 16) -> np.ndarray:
+                  index: str = "exact", probe: int = 16, rows: tuple[int, int] | None = None) -> np.ndarray:
     """Index of each row's nearest other row by L2 distance on the given features.
 
     `index`: exact (blocked: one chunk of distances at a time), ivf (approximate: a faiss IVF index of
     8-bit scalar-quantised rows, `probe` lists searched per query), or auto (ivf from
-    `NEAREST_EXACT_MAX` rows when faiss is installed).
+    `NEAREST_EXACT_MAX` rows when faiss is installed). `rows` = (start, stop) answers only those rows
+    (still searched against all of them): ranks of a distributed job each take a block.
     """
     n = len(features)
+    lo, hi = rows if rows is not None else (0, n)
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"rows {rows} outside 0..{n}")
     if index == "auto":
         index = "ivf" if n >= NEAREST_EXACT_MAX and _faiss() is not None else "exact"
     if index == "ivf" and n > 2:
-        return _nearest_other_ivf(torch.as_tensor(features), probe, chunk)
+        return _nearest_other_ivf(torch.as_tensor(features), probe, chunk, lo, hi)
     x = torch.as_tensor(features).float()
     base = x.to(device)
     sq = (base * base).sum(dim=1)
     chunk = _score_rows(len(x), chunk)
-    out = []
-    for start in range(0, len(x), chunk):
-        q = base[start : start + chunk]
-        d = sq[start : start + chunk, None] - 2 * q @ base.t() + sq[None, :]
-        rows = torch.arange(q.shape[0], device=base.device)
-        d[rows, rows + start] = float("inf")
+    out = [torch.empty(0, dtype=torch.long)]
+    for start in range(lo, hi, chunk):
+        stop = min(start + chunk, hi)
+        d = sq[start:stop, None] - 2 * base[start:stop] @ base.t() + sq[None, :]
+        own = torch.arange(stop - start, device=base.device)
+        d[own, own + start] = float("inf")
         out.append(d.argmin(dim=1).cpu())
     return torch.cat(out).numpy()
 
 
-def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int) -> np.ndarray:
-    """`nearest_other` with an IVF-SQ8 L2 index: each row's two best matches, self dropped. Rows the
-    index answers with fewer than one other row are searched exactly."""
+def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int, lo: int, hi: int) -> np.ndarray:
+    """`nearest_other` of rows [lo, hi) with an IVF-SQ8 L2 index of all rows: each row's two best
+    matches, self dropped. Rows the index answers with fewer than one other row are searched exactly."""
     faiss = _faiss()
     if faiss is None:
         raise DatasetError("the ivf index needs faiss (pip install faiss-cpu)")
@@ -259,17 +263,17 @@ def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int) -> np.ndarray:
     for start in range(0, n, chunk):
         index.add(float32(x[start : start + chunk]))
     index.nprobe = min(lists, probe)
-    out = np.empty(n, dtype=np.int64)
-    for start in range(0, n, chunk):
-        _, found = index.search(float32(x[start : start + chunk]), 2)
+    out = np.empty(hi - lo, dtype=np.int64)
+    for start in range(lo, hi, chunk):
+        _, found = index.search(float32(x[start : min(start + chunk, hi)]), 2)
         own = np.arange(start, start + len(found))
         # Self is usually first; with duplicates (or quantisation ties) it may come second or not at all.
-        out[start : start + len(found)] = np.where(found[:, 0] == own, found[:, 1], found[:, 0])
-    missing = np.nonzero((out < 0) | (out == np.arange(n)))[0]
+        out[start - lo : start - lo + len(found)] = np.where(found[:, 0] == own, found[:, 1], found[:, 0])
+    missing = np.nonzero((out < 0) | (out == np.arange(lo, hi)))[0]
     if len(missing):
         xt = x.float()
-        for row in missing:
-            dist = ((xt - xt[row]) ** 2).sum(dim=1)
-            dist[row] = float("inf")
-            out[row] = int(dist.argmin())
+        for i in missing:
+            dist = ((xt - xt[lo + i]) ** 2).sum(dim=1)
+            dist[lo + i] = float("inf")
+            out[i] = int(dist.argmin())
     return out

@@ -162,7 +162,9 @@ def run_cluster(
         losses = head_losses(probs, pool, cfg.entropy_weight)
         mem = None
         if use_global:
-            nearest = torch.from_numpy(nearest_other(feats, rt.device, index=cfg.global_index))
+            # The search costs N^2 d (exact): each rank answers its own block of rows against all.
+            block = nearest_other(feats, rt.device, index=cfg.global_index, rows=(lo, hi))
+            nearest = rt.dist.gather_rows(torch.from_numpy(block))
             mem = torch.stack([p[nearest] for p in probs])
         return losses, mem
 
