@@ -14,6 +14,7 @@ from nnm.engine.estimate import (
     laplacian_spectrum,
     modularity,
     modularity_estimate,
+    parsimonious,
     silhouette_estimate,
 )
 from nnm.engine.mining import knn
@@ -92,6 +93,26 @@ def test_modularity_finds_the_number_of_groups_on_the_mined_graph():
     assert est.curve[6] > est.curve[5] and est.curve[6] > est.curve[7]
 
 
+def test_a_tolerance_prefers_the_smallest_k_that_scores_about_as_well():
+    # digits seed 0's modularity near its top (2026-11-28): highest at 12, 10 within 0.006 of it.
+    curve = {9: 0.7559, 10: 0.7660, 11: 0.7700, 12: 0.7718, 13: 0.7590}
+    assert parsimonious(curve, 0.0) == (12, 12)
+    assert parsimonious(curve, 0.002) == (11, 12)
+    assert parsimonious(curve, 0.01) == (10, 12)
+    assert parsimonious(curve, 1.0) == (9, 12)
+    # On the blobs: a tolerance just over what splitting one group costs still finds the 6 groups at
+    # 0; past what merging two costs it takes 5, and says 6 scored highest.
+    x = blobs(6, 70, seed=4)
+    nb, _ = knn(x, 10)
+    plain = modularity_estimate(x, nb, 2, 15)
+    merged = plain.curve[6] - plain.curve[5]
+    assert plain.k == plain.best_scoring == 6
+    assert modularity_estimate(x, nb, 2, 15, tolerance=merged / 2).k == 6
+    wide = modularity_estimate(x, nb, 2, 15, tolerance=merged * 1.01)
+    assert wide.k == 5 and wide.best_scoring == 6 and wide.curve == pytest.approx(plain.curve)
+    assert silhouette_estimate(x, 2, 15, sample=400, tolerance=1.0).k == 2
+
+
 def test_criteria_can_share_one_set_of_partitions():
     """Partitions fitted once (as the benchmark does) give each criterion the curve it computes alone,
     restricted to its own range."""
@@ -164,6 +185,7 @@ def test_estimate_stage_writes_its_curve_and_resumes(tmp_path):
     assert summary["clusters"] == 4 and summary["max_clusters"] == 20 and "num_classes" not in summary
     saved = json.loads((out / "estimate.json").read_text())
     assert saved["clusters"] == 4 and set(saved["curve"]) == {str(k) for k in range(2, 21)}
+    assert saved["best_scoring"] == 4 and saved["tolerance"] is None  # the eigengap takes no tolerance
     with Image.open(out / "curve.png") as im:
         assert im.size[0] > 300
     assert (out / "done.json").exists()

@@ -88,15 +88,19 @@ def run_estimate(
     else:
         features = pretext_features(pretext_dir, data, rt, feature)[0].numpy()
         if cfg.criterion == "modularity":
-            est = modularity_estimate(features, neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed)
+            est = modularity_estimate(features, neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed,
+                                      tolerance=cfg.tolerance)
         else:
-            est = silhouette_estimate(features, k_min, k_max, cfg.sample, rt.seed)
+            est = silhouette_estimate(features, k_min, k_max, cfg.sample, rt.seed, tolerance=cfg.tolerance)
     summary: dict[str, Any] = {
         "clusters": est.k,
         "criterion": est.criterion,
         "min_clusters": k_min,
         "max_clusters": k_max,
         "curve": {str(k): v for k, v in est.curve.items()},
+        # With a tolerance the estimate may be a smaller K than the curve's highest point: both are kept.
+        "best_scoring": est.best_scoring if est.best_scoring is not None else est.k,
+        "tolerance": cfg.tolerance if cfg.criterion != "eigengap" else None,
         "num_images": len(data),
         "seconds": round(time.perf_counter() - started, 2),
         **est.details,
