@@ -243,7 +243,10 @@ def test_auto_clusters_on_a_flat_folder(tmp_path, small_digits):
     k = est["clusters"]
     assert 3 <= k <= 25 and (est["min_clusters"], est["max_clusters"]) == (3, 25)
     assert set(est["curve"]) == {str(i) for i in range(3, 26)} and "num_classes" not in est
-    assert est["curve"][str(k)] == max(est["curve"].values())
+    # The smallest K within the tolerance of the highest score (the default 0.01); the highest is kept.
+    curve, top = {int(c): v for c, v in est["curve"].items()}, max(est["curve"].values())
+    assert est["tolerance"] == 0.01 and curve[est["best_scoring"]] == top
+    assert k == min(c for c, v in curve.items() if v >= top - 0.01) and k <= est["best_scoring"]
     assert (out / "estimate" / "curve.png").stat().st_size > 1000
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["estimated_clusters"] == {"clusters": k, "criterion": "modularity", "min_clusters": 3,
