@@ -8,6 +8,7 @@ first submission to the last job finished.
 
     python bench/many_jobs.py --jobs 1000 --workers 4
     python bench/many_jobs.py --jobs 200 --workers 1      # the baseline
+    python bench/many_jobs.py --jobs 25 --workers 1 --no-fork-server   # each job's child a fresh process
 
 Each worker gets its own data directory, as a container has. The job limits of the API key (by default
 100 queued and 2 running per key) are raised for the run with NNM_DEFAULT_MAX_QUEUED_JOBS and
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -115,9 +117,14 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--per-class", type=int, default=10, help="digits per class in the uploaded set")
     ap.add_argument("--timeout", type=float, default=4 * 3600)
+    ap.add_argument("--no-fork-server", action="store_true",
+                    help="start every job's child as a fresh process (NNM_FORK_SERVER=0), as before the fork server")
     args = ap.parse_args()
+    # `kill` of the benchmark stops its servers and workers too (the `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, CPU only", "jobs": args.jobs,
-                    "workers": args.workers, "images": 10 * args.per_class, "preset": "quick"}
+                    "workers": args.workers, "images": 10 * args.per_class, "preset": "quick",
+                    "fork_server": not args.no_fork_server}
     with tempfile.TemporaryDirectory() as tmp_name, postgres_database() as pg, redis_database() as broker, \
             seaweedfs(Path(tmp_name) / "s3") as s3:
         tmp = Path(tmp_name)
@@ -125,7 +132,8 @@ def main() -> int:
         env.update({"NNM_DATABASE_URL": pg, "NNM_BROKER_URL": broker, "NNM_S3_ENDPOINT": s3["endpoint"],
                     "NNM_S3_ACCESS_KEY": s3["access_key"], "NNM_S3_SECRET_KEY": s3["secret_key"],
                     "NNM_DEVICE": "cpu", "NNM_DEFAULT_MAX_QUEUED_JOBS": str(args.jobs),
-                    "NNM_DEFAULT_MAX_RUNNING_JOBS": str(args.workers)})
+                    "NNM_DEFAULT_MAX_RUNNING_JOBS": str(args.workers),
+                    "NNM_FORK_SERVER": "0" if args.no_fork_server else "1"})
         subprocess.run([sys.executable, "-m", "nnm.cli.main", "migrate"], env=env | {"NNM_DATA_DIR": str(tmp / "gw")},
                        check=True, capture_output=True)
         workers, ports = [], []

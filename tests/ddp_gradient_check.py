@@ -67,7 +67,6 @@ def main(out: str) -> None:
         whole = torch.from_numpy(nearest_other(feats))
         results["nearest_other"] = {"rows": [lo, hi], "equal": bool(torch.equal(gathered, whole)),
                                     "dtype": str(gathered.dtype), "n": len(gathered)}
-    if ranks.main:
         with open(out, "w") as f:
             json.dump(results, f)
     ranks.barrier()

@@ -138,7 +138,9 @@ def figure(name: str, **values) -> None:
 
 
 def child_processes_of(job_id: str) -> list[int]:
-    """PIDs of live processes whose command line names the job (its training child)."""
+    """PIDs of the job's live training processes: a child started fresh names the job on its command
+    line; one forked by the worker's fork server (worker/forkserver.py) keeps the server's command
+    line and writes its output into the job's `child.log`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -146,8 +148,12 @@ def child_processes_of(job_id: str) -> list[int]:
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             status = (entry / "stat").read_text().split()[2]
+            output = os.readlink(entry / "fd" / "1") if b"nnm.service.worker.forkserver" in cmdline else ""
         except OSError:
             continue
-        if status != "Z" and job_id.encode() in cmdline and b"nnm.service.worker.child" in cmdline:
+        if status == "Z":
+            continue
+        fresh = job_id.encode() in cmdline and b"nnm.service.worker.child" in cmdline
+        if fresh or output.endswith(f"/{job_id}/child.log"):
             pids.append(int(entry.name))
     return pids

@@ -113,8 +113,8 @@ def eigengap_estimate(
     lam = laplacian_spectrum(neighbors, k_max + 1, k, seed)
     # lam[K] is the (K+1)-th smallest eigenvalue (0-based index K).
     curve = {kk: float(lam[kk] - lam[kk - 1]) for kk in range(k_min, min(k_max, len(lam) - 1) + 1)}
-    best = max(curve, key=lambda kk: (curve[kk], -kk))
-    return KEstimate(best, "eigengap", curve, {"eigenvalues": [float(v) for v in lam]})
+    best, _ = parsimonious(curve, 0.0)  # no tolerance: gaps are not on one scale across data sets
+    return KEstimate(best, "eigengap", curve, {"eigenvalues": [float(v) for v in lam]}, best_scoring=best)
 
 
 def kmeans_partitions(

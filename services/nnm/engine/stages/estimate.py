@@ -99,7 +99,7 @@ def run_estimate(
         "max_clusters": k_max,
         "curve": {str(k): v for k, v in est.curve.items()},
         # With a tolerance the estimate may be a smaller K than the curve's highest point: both are kept.
-        "best_scoring": est.best_scoring if est.best_scoring is not None else est.k,
+        "best_scoring": est.best_scoring,
         "tolerance": cfg.tolerance if cfg.criterion != "eigengap" else None,
         "num_images": len(data),
         "seconds": round(time.perf_counter() - started, 2),

@@ -44,7 +44,9 @@ def make_celery(broker_url: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
-        worker_max_tasks_per_child=1,
+        # Pool processes are kept between jobs: each holds the fork server its jobs' children are forked
+        # from (worker/forkserver.py), and a new pool process would itself spend seconds importing.
+        worker_max_tasks_per_child=None,
         task_time_limit=hard,
         task_soft_time_limit=max(60, hard - 60),
         task_serializer="json",

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> int:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format, "child")
     JOB_ID.set(job_id)  # this process runs one job: every record carries its id
+    logging.info("child %d starts attempt %d of job %s", os.getpid(), attempt, job_id)
     # SIGTERM (cancel after the grace period, or worker shutdown) ends the process like Ctrl-C would.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     from nnm.engine.errors import Cancelled, NNMError
