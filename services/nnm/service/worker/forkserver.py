@@ -55,7 +55,7 @@ class ForkedChild:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            self.returncode = self.server.exit_status(self.pid, timeout=min(left or 1.0, 1.0))
+            self.returncode = self.server.exit_status(self.pid, timeout=1.0 if left is None else min(left, 1.0))
         return self.returncode
 
 
@@ -126,10 +126,15 @@ class _Server:
                 f.close()
 
 
-def _cold(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_fresh(module: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`python -m module *args` as a new process in a session of its own, its output in `log_path`."""
     with open(log_path, "ab") as logf:
-        return subprocess.Popen([sys.executable, "-m", "nnm.service.worker.child", *args], stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+
+
+def _cold(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    return start_fresh("nnm.service.worker.child", args, env, log_path)
 
 
 class ForkServers:

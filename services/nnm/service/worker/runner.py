@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..logs import job_context
 from ..retry import is_transient, retry_db
 from ..store.storage import StorageError
 from .child import EXIT_CANCELLED, EXIT_LOST, EXIT_OK, attempt_dir
-from .forkserver import fork_servers
+from .forkserver import fork_servers, start_fresh
 from .metrics import enabled as metrics_enabled
 from .metrics import worker_metrics
 
@@ -126,9 +125,8 @@ def _execute(ctx: ServiceContext, job_id: str, stop: Any, started: dict[str, Any
     env["NNM_CACHE_MAX_BYTES"] = str(settings.decoded_cache_max_bytes)
     args = [job_id, str(attempt), str(workdir)]
     if settings.processes_per_job > 1:  # one process per GPU, started by torchrun (see worker/launch.py)
-        cmd = [sys.executable, "-m", "nnm.service.worker.launch", str(settings.processes_per_job), *args]
-        with open(workdir / "child.log", "ab") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = start_fresh("nnm.service.worker.launch", [str(settings.processes_per_job), *args], env,
+                           workdir / "child.log")
     else:  # forked from this thread's fork server, which imported torch once (worker/forkserver.py)
         proc = fork_servers.start_job(args, env, workdir / "child.log", use_server=settings.fork_server)
     cancel_seen: float | None = None
