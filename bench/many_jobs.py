@@ -9,10 +9,12 @@ first submission to the last job finished.
     python bench/many_jobs.py --jobs 1000 --workers 4
     python bench/many_jobs.py --jobs 200 --workers 1      # the baseline
     python bench/many_jobs.py --jobs 25 --workers 1 --no-fork-server   # each job's child a fresh process
+    python bench/many_jobs.py --jobs 100 --workers 4 --job-threads 2   # threads beyond the cores
 
 Each worker gets its own data directory, as a container has. The job limits of the API key (by default
 100 queued and 2 running per key) are raised for the run with NNM_DEFAULT_MAX_QUEUED_JOBS and
-NNM_DEFAULT_MAX_RUNNING_JOBS, as an operator would for one tenant submitting a batch. Prints a JSON
+NNM_DEFAULT_MAX_RUNNING_JOBS, as an operator would for one tenant submitting a batch, and the machine's
+cores are split between the workers (NNM_JOB_THREADS), as an operator sharing a machine would. Prints a JSON
 summary; run it on a quiet machine.
 """
 
@@ -119,12 +121,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--no-fork-server", action="store_true",
                     help="start every job's child as a fresh process (NNM_FORK_SERVER=0), as before the fork server")
+    ap.add_argument("--job-threads", type=int, default=None,
+                    help="NNM_JOB_THREADS of every worker (default: the cores split between the workers)")
     args = ap.parse_args()
+    job_threads = args.job_threads or max(1, (os.cpu_count() or 1) // args.workers)
     # `kill` of the benchmark stops its servers and workers too (the `finally` blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, CPU only", "jobs": args.jobs,
                     "workers": args.workers, "images": 10 * args.per_class, "preset": "quick",
-                    "fork_server": not args.no_fork_server}
+                    "fork_server": not args.no_fork_server, "job_threads": job_threads}
     with tempfile.TemporaryDirectory() as tmp_name, postgres_database() as pg, redis_database() as broker, \
             seaweedfs(Path(tmp_name) / "s3") as s3:
         tmp = Path(tmp_name)
@@ -133,7 +138,7 @@ def main() -> int:
                     "NNM_S3_ACCESS_KEY": s3["access_key"], "NNM_S3_SECRET_KEY": s3["secret_key"],
                     "NNM_DEVICE": "cpu", "NNM_DEFAULT_MAX_QUEUED_JOBS": str(args.jobs),
                     "NNM_DEFAULT_MAX_RUNNING_JOBS": str(args.workers),
-                    "NNM_FORK_SERVER": "0" if args.no_fork_server else "1"})
+                    "NNM_FORK_SERVER": "0" if args.no_fork_server else "1", "NNM_JOB_THREADS": str(job_threads)})
         subprocess.run([sys.executable, "-m", "nnm.cli.main", "migrate"], env=env | {"NNM_DATA_DIR": str(tmp / "gw")},
                        check=True, capture_output=True)
         workers, ports = [], []

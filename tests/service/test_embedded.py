@@ -155,15 +155,17 @@ def test_an_upload_with_train_and_test_folders_reports_the_test_split(embedded, 
 
 def test_a_job_on_two_processes_through_torchrun(tmp_path):
     """NNM_PROCESSES_PER_JOB=2: the worker starts the job through torchrun; rank 0 reports and uploads,
-    the job succeeds once, with its artifacts and a model that assigns."""
-    proc, client = serve(tmp_path, NNM_PROCESSES_PER_JOB="2")
+    the job succeeds once, with its artifacts and a model that assigns. NNM_JOB_THREADS caps the
+    threads a job asks for."""
+    proc, client = serve(tmp_path, NNM_PROCESSES_PER_JOB="2", NNM_JOB_THREADS="1")
     try:
         client.wait_ready(90)
         ds = client.builtin_dataset("digits")
-        job = client.submit("pipeline", ds["id"], FAST_PIPELINE)
+        job = client.submit("pipeline", ds["id"], {**FAST_PIPELINE, "runtime": {"threads": 3}})
         final = client.wait(job["id"], timeout=900, poll_s=1)
         assert final["status"] == "succeeded", final["error"]
         assert final["attempt"] == 1 and final["metrics"]["processes"] == 2
+        assert final["metrics"]["threads"] == 1  # asked for 3, capped by the worker
         assert 0.0 < final["metrics"]["acc"] <= 1.0
         names = {a["name"] for a in final["artifacts"]}
         assert {"metrics.json", "confusion_matrix.png", "model/model.pt"} <= names, names

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .checkpoint import atomic_write_json
 from .config import DataConfig, PipelineConfig, deep_merge, parse_config
@@ -165,6 +166,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     trained.save(out / "model")
     metrics["neighbor_accuracy"] = mine_summary.get("neighbor_accuracy")
     metrics["processes"] = ranks.world  # trained on this many processes (torchrun ranks)
+    metrics["threads"] = torch.get_num_threads()  # CPU threads of each (runtime.threads, or a worker's cap)
     metrics["final_stage"] = final.name
     if estimate is not None:
         metrics["estimated_clusters"] = {key: estimate[key] for key in ("clusters", "criterion", "min_clusters",

@@ -283,6 +283,9 @@ def run_job_stages(ctx: ServiceContext, job: JobRow, attempt: int, workdir: Path
                 restore_stages(ctx, inputs[name], (stage,), out)
     ranks.barrier()
     cfg: PipelineConfig = resolve(dataset, params, ctx.settings.device, spec=spec)
+    cap = ctx.settings.job_threads
+    if cap is not None:  # the worker's share of the machine's cores; a job may ask for fewer
+        cfg.runtime.threads = min(cfg.runtime.threads or cap, cap)
     stages = stages_of(job.type, cfg)
     sink: ProgressSink = ServiceSink(ctx, job, attempt, out, stages) if ranks.main else ProgressSink()
     rt = cfg.runtime
