@@ -83,9 +83,10 @@ class Settings(BaseModel):
     #: Fork each job's child from a server per worker slot that imported torch and the engine once
     #: (worker/forkserver.py), instead of a fresh process importing them again (about 9 s on 2 cores).
     fork_server: bool = True
-    #: Most CPU threads torch uses in one job (None: torch's default, every core this machine shows).
-    #: Workers sharing a machine should split its cores: threads of concurrent jobs beyond the cores
-    #: slow every job down (4 workers of 2 threads on 2 cores ran half the jobs per minute of one).
+    #: Most CPU threads torch uses in each process of a job (None: torch's default, every core this
+    #: machine shows). Workers sharing a machine should split its cores: threads of concurrent jobs
+    #: beyond the cores slow every job down (4 workers of 2 threads on 2 cores ran 0.37x the jobs per
+    #: minute of one worker; of 1 thread, 1.18x).
     job_threads: int | None = Field(None, ge=1, le=1024)
     #: Device for training jobs: auto, cpu or cuda.
     device: str = "auto"
