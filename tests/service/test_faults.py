@@ -270,6 +270,14 @@ def test_short_redis_blip_costs_no_attempt(stack: Stack):
     stop(w, timeout=60)
 
 
+def _or_error(call):
+    """The call's result, or the exception it raised (for a call made on a thread)."""
+    try:
+        return call()
+    except Exception as exc:  # handed to the test thread, which asserts on it
+        return exc
+
+
 def test_postgres_outage(stack: Stack):
     w, job = job_in_training(stack, "pg1")
     stack.pg.stop()
@@ -283,10 +291,20 @@ def test_postgres_outage(stack: Stack):
                 if r.status_code != 200:
                     assert r.status_code == 503 and r.headers["content-type"].startswith("application/problem+json")
             time.sleep(1)
+        # A client already waiting on the job keeps waiting through the outage (each 503 retried after
+        # its Retry-After) and through the restart, when Postgres listens before it accepts queries.
+        waited: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: waited.update(
+            job=_or_error(lambda: stack.client.wait(job["id"], timeout=600))), daemon=True)
+        waiter.start()
+        time.sleep(6)
+        assert waiter.is_alive(), waited
     finally:  # a failure here must not leave the database down for the tests after it
         stack.pg.start()
     assert set(answers) == {503}, answers
-    final = stack.client.wait(job["id"], timeout=600)
+    waiter.join(timeout=660)
+    final = waited["job"]
+    assert isinstance(final, dict), final
     assert final["status"] == "succeeded", final["error"]
     assert stack.client.http.get("/readyz").status_code == 200
     figure("Postgres stopped for 30 s", api_answers=dict(answers), job_status=final["status"],

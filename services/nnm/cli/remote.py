@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -220,8 +219,7 @@ def watch(client: Any, job_id: str, quiet: bool, poll_s: float) -> int:
     """Follow a job with a progress bar until it ends; print it, and exit with its outcome."""
     layout = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}"
     with _bar(quiet, total=1000, desc="queued", bar_format=layout) as bar:
-        while True:
-            job = client.job(job_id)
+        def draw(job: dict[str, Any]) -> None:
             progress = job.get("progress") or {}
             stage = job.get("stage") or progress.get("stage")
             bar.set_description_str(f"{stage} ({job['status']})" if stage else job["status"], refresh=False)
@@ -232,9 +230,9 @@ def watch(client: Any, job_id: str, quiet: bool, poll_s: float) -> int:
                     post += f" loss {progress['loss']:.3f}"
                 bar.set_postfix_str(post, refresh=False)
             bar.refresh()
-            if job["status"] in {"succeeded", "failed", "cancelled"}:
-                break
-            time.sleep(poll_s)
+
+        # No deadline: a watch lasts as long as the job; a service briefly unavailable (503) is waited out.
+        job = client.wait(job_id, timeout=float("inf"), poll_s=poll_s, on_update=draw)
     _emit(job)
     if job["status"] == "succeeded":
         return 0

@@ -16,11 +16,20 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 class ApiError(Exception):
     def __init__(self, response: httpx.Response):
         self.status = response.status_code
+        self.retry_after = response.headers.get("Retry-After")
         try:
             self.problem = response.json()
         except ValueError:
             self.problem = {"detail": response.text}
         super().__init__(f"{self.status}: {self.problem.get('detail')}")
+
+
+def _retry_after(exc: ApiError) -> float:
+    """Seconds an error asks the client to wait (its Retry-After), 1 when it does not say."""
+    try:
+        return float(exc.retry_after or 1.0)
+    except ValueError:  # an HTTP date: not sent by this gateway
+        return 1.0
 
 
 class Client:
@@ -90,9 +99,19 @@ class Client:
         poll_s: float = 1.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
+        """Poll a job until it ends, riding out a gateway or store that is briefly unavailable.
+
+        A 503 (the job store restarting, say) is retried after the answer's Retry-After, until
+        `timeout`; any other error, an unreachable gateway included, ends the wait at once."""
         deadline = time.monotonic() + timeout
         while True:
-            job = self.job(job_id)
+            try:
+                job = self.job(job_id)
+            except ApiError as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(max(poll_s, min(_retry_after(exc), 10.0)))
+                continue
             if on_update:
                 on_update(job)
             if job["status"] in TERMINAL:
