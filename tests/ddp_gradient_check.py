@@ -1,7 +1,8 @@
 """Run by tests/test_distributed_training.py under `torchrun --nproc-per-node 2`: one SimCLR step and one
 SCAN step on a global batch split over the ranks, with the engine's DDP helpers, against the same step in
 one process on the whole batch; and NNM's nearest-other search answered by blocks of rows, one per rank,
-then gathered, against the whole search. Rank 0 writes what it found into argv[1].
+then gathered, against the whole search (exact, and through an IVF index the ranks build together); and
+`share`, rank 0's result or error on every rank. Rank 0 writes what it found into argv[1].
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import torch
 from nnm.engine.config import BackboneConfig
 from nnm.engine.distributed import Distributed, from_env, unwrap
+from nnm.engine.errors import DatasetError
 from nnm.engine.losses import nt_xent, scan_loss
 from nnm.engine.mining import nearest_other
 from nnm.engine.models import ClusteringModel, ContrastiveModel, build_backbone
@@ -67,6 +69,25 @@ def main(out: str) -> None:
         whole = torch.from_numpy(nearest_other(feats))
         results["nearest_other"] = {"rows": [lo, hi], "equal": bool(torch.equal(gathered, whole)),
                                     "dtype": str(gathered.dtype), "n": len(gathered)}
+    # Its IVF index, built by the ranks together (rank 0 trains, each encodes its block): one process's.
+    g = torch.Generator().manual_seed(3)
+    many = torch.randn(40, 32, generator=g)[torch.randint(40, (6000,), generator=g)] + 0.35 * torch.randn(
+        6000, 32, generator=g)
+    together = ranks.gather_rows(torch.from_numpy(nearest_other(many, index="ivf", chunk=1000, ranks=ranks)))
+    if ranks.main:
+        alone = torch.from_numpy(nearest_other(many, index="ivf", chunk=1000))
+        results["nearest_other_ivf"] = {"equal": bool(torch.equal(together, alone)), "n": len(together),
+                                        "self": int((together == torch.arange(6000)).sum())}
+    # `share`: rank 0 alone runs the call; every rank receives its result, or raises its error.
+    calls: list[int] = []
+    got = ranks.share(lambda: calls.append(1) or 10 + ranks.rank)
+    try:
+        ranks.share(lambda: (_ for _ in ()).throw(DatasetError("no such data set")))
+        error = None
+    except DatasetError as exc:
+        error = str(exc)
+    results["share"] = ranks.all_objects({"calls": len(calls), "got": got, "error": error})
+    if ranks.main:
         with open(out, "w") as f:
             json.dump(results, f)
     ranks.barrier()

@@ -41,7 +41,8 @@ def test_ranks_split_a_batch_and_gathering_restores_order():
 def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path):
     """SimCLR's NT-Xent and the SCAN loss with batch norm synchronised over ranks (GlooSyncBatchNorm), a
     batch of 13 split 7/6: DDP's averaged gradients equal one process's on all 13 rows. And the NNM
-    memory's nearest-other search, split by rows between the ranks, gathers to the whole answer."""
+    memory's nearest-other search, split by rows between the ranks, gathers to the whole answer (exact, and
+    through an IVF index the ranks build together)."""
     out = tmp_path / "grads.json"
     proc = subprocess.run([*TORCHRUN, str(REPO / "tests" / "ddp_gradient_check.py"), str(out)], env=ENV,
                           capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -52,6 +53,10 @@ def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path
         assert found[kind]["max_abs_diff"] < 1e-4 * found[kind]["max_abs_grad"], found
     # NNM's nearest-other search split by rows between the ranks, gathered: the whole answer, in order.
     assert found["nearest_other"] == {"rows": [0, 150], "equal": True, "dtype": "torch.int64", "n": 301}, found
+    assert found["nearest_other_ivf"] == {"equal": True, "n": 6000, "self": 0}, found
+    # What rank 0 alone computed (a data set's traits, say), handed to both ranks; its error raised on both.
+    assert found["share"] == [{"calls": 1, "got": 10, "error": "no such data set"},
+                              {"calls": 0, "got": 10, "error": "no such data set"}], found
 
 
 def _losses(run: Path) -> list[float]:

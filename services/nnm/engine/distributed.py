@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator
+import pickle
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+T = TypeVar("T")
 
 #: How long a rank waits for the others at a collective (rank 0 mining a large set, say) before failing.
 TIMEOUT = dt.timedelta(hours=4)
@@ -132,6 +135,31 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return bool(box[0])
 
+    def share(self, make: Callable[[], T]) -> T:
+        """`make()` run on rank 0 alone and its result handed to every rank (a decoded set's traits, a
+        trained index): one rank does the work. If `make` raises, every rank raises it."""
+        if not self.enabled:
+            return make()
+        box: list[Any] = [None]
+        if self.main:
+            try:
+                box = [(True, make())]
+            except Exception as exc:
+                box = [(False, exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))]
+        dist.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def all_objects(self, obj: T) -> list[T]:
+        """Every rank's picklable `obj`, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def sync_batchnorm(self, model: nn.Module, device: torch.device) -> nn.Module:
         """`model` with batch norm over the global batch (unchanged alone). Call it before making the
         optimizer: the layers are replaced."""
@@ -181,6 +209,14 @@ class _AllReduce(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
+
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # any failure to pickle means "send a plain error instead"
+        return False
+    return True
 
 
 def unwrap(model: nn.Module) -> nn.Module:

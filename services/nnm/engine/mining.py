@@ -8,12 +8,15 @@ index (a copy of them, plus HNSW's graph) and one chunk's scores.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import DatasetError
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 
 def _faiss():
@@ -213,22 +216,28 @@ NEAREST_EXACT_MAX = 200_000
 
 
 def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", chunk: int = 16384,
-                  index: str = "exact", probe: int = 16, rows: tuple[int, int] | None = None) -> np.ndarray:
+                  index: str = "exact", probe: int = 16, rows: tuple[int, int] | None = None,
+                  ranks: Distributed | None = None) -> np.ndarray:
     """Index of each row's nearest other row by L2 distance on the given features.
 
     `index`: exact (blocked: one chunk of distances at a time), ivf (approximate: a faiss IVF index of
     8-bit scalar-quantised rows, `probe` lists searched per query), or auto (ivf from
     `NEAREST_EXACT_MAX` rows when faiss is installed). `rows` = (start, stop) answers only those rows
-    (still searched against all of them): ranks of a distributed job each take a block.
+    (still searched against all of them). `ranks` (the ranks of a distributed job, each holding all the
+    features) answers this rank's block `ranks.rows(n)`, and the ranks build an IVF index together.
     """
     n = len(features)
+    if ranks is not None and ranks.enabled:
+        rows = ranks.rows(n)
+    else:
+        ranks = None
     lo, hi = rows if rows is not None else (0, n)
     if not 0 <= lo <= hi <= n:
         raise ValueError(f"rows {rows} outside 0..{n}")
     if index == "auto":
         index = "ivf" if n >= NEAREST_EXACT_MAX and _faiss() is not None else "exact"
     if index == "ivf" and n > 2:
-        return _nearest_other_ivf(torch.as_tensor(features), probe, chunk, lo, hi)
+        return _nearest_other_ivf(torch.as_tensor(features), probe, chunk, lo, hi, ranks)
     x = torch.as_tensor(features).float()
     base = x.to(device)
     sq = (base * base).sum(dim=1)
@@ -243,25 +252,47 @@ def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", ch
     return torch.cat(out).numpy()
 
 
-def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int, lo: int, hi: int) -> np.ndarray:
+def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int, lo: int, hi: int,
+                       ranks: Distributed | None = None) -> np.ndarray:
     """`nearest_other` of rows [lo, hi) with an IVF-SQ8 L2 index of all rows: each row's two best
-    matches, self dropped. Rows the index answers with fewer than one other row are searched exactly."""
+    matches, self dropped. Rows the index answers with fewer than one other row are searched exactly.
+
+    With `ranks`, [lo, hi) is this rank's block: rank 0 trains the quantizer, each rank encodes its own
+    block, and every rank merges the blocks in rank order, the order one process adds the rows in, so
+    the index (and the answer) is one process's, built once instead of once per rank."""
     faiss = _faiss()
     if faiss is None:
         raise DatasetError("the ivf index needs faiss (pip install faiss-cpu)")
     x = x.detach().cpu()
     n, d = x.shape
     lists = ivf_lists_for(n)
-    quantizer = faiss.IndexFlatL2(d)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
-    index.cp.niter = 10
 
     def float32(rows: torch.Tensor) -> np.ndarray:
         return rows.float().contiguous().numpy()
 
-    index.train(float32(x[torch.as_tensor(_training_rows(n, lists))]))
-    for start in range(0, n, chunk):
-        index.add(float32(x[start : start + chunk]))
+    def trained() -> Any:
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, lists, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_L2)
+        index.cp.niter = 10
+        index.train(float32(x[torch.as_tensor(_training_rows(n, lists))]))
+        return index
+
+    if ranks is None:
+        index = trained()
+        for start in range(0, n, chunk):
+            index.add(float32(x[start : start + chunk]))
+    else:
+        block = faiss.deserialize_index(ranks.share(lambda: faiss.serialize_index(trained())))
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            block.add_with_ids(float32(x[start:stop]), np.arange(start, stop, dtype=np.int64))
+        parts = ranks.all_objects(faiss.serialize_index(block))
+        del block
+        index = faiss.deserialize_index(parts[0])
+        for i in range(1, len(parts)):
+            index.merge_from(faiss.deserialize_index(parts[i]), 0)  # ids kept: each block carries its own
+            parts[i] = None
     index.nprobe = min(lists, probe)
     out = np.empty(hi - lo, dtype=np.int64)
     for start in range(lo, hi, chunk):

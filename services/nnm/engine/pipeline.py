@@ -29,21 +29,30 @@ from .stages.selflabel import run_selflabel
 def resolve_config(
     dataset: str, preset: str = "auto", overrides: dict[str, Any] | None = None, data: ImageSet | None = None
 ) -> PipelineConfig:
-    """Preset for `dataset` (loaded to learn its traits unless given), with `overrides` on top."""
+    """Preset for `dataset` (loaded to learn its traits unless given), with `overrides` on top.
+
+    Under torchrun rank 0 alone loads the set to learn its traits and hands them to the other ranks."""
     overrides = overrides or {}
-    if data is None:
+    if data is not None:
+        traits = dataset_traits(dataset, data)
+    else:
         data_cfg = overrides.get("data", {}) if isinstance(overrides.get("data"), dict) else {}
         policy = parse_config(DataConfig, {**data_cfg, "dataset": dataset}).cache_policy()
-        data = load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"), cache=policy)
+        traits = from_env().share(lambda: dataset_traits(
+            dataset, load_dataset(dataset, data_cfg.get("split"), None, data_cfg.get("root"), cache=policy)))
+    return config_for_traits(dataset, preset, overrides, traits)
+
+
+def dataset_traits(dataset: str, data: ImageSet) -> DatasetTraits:
+    """What the presets look at in a loaded data set."""
     name, _ = parse_dataset_spec(dataset)
-    traits = DatasetTraits(
+    return DatasetTraits(
         builtin=name if is_builtin(dataset) else None,
         image_size=data.image_size,
         channels=data.channels,
         num_images=len(data),
         splits=dataset_splits(dataset, data),
     )
-    return config_for_traits(dataset, preset, overrides, traits)
 
 
 def config_for_traits(dataset: str, preset: str, overrides: dict[str, Any], traits: DatasetTraits) -> PipelineConfig:

@@ -162,8 +162,9 @@ def run_cluster(
         losses = head_losses(probs, pool, cfg.entropy_weight)
         mem = None
         if use_global:
-            # The search costs N^2 d (exact): each rank answers its own block of rows against all.
-            block = nearest_other(feats, rt.device, index=cfg.global_index, rows=(lo, hi))
+            # The search costs N^2 d (exact): each rank answers its own block of rows against all (an
+            # IVF index the ranks build together, each encoding its block).
+            block = nearest_other(feats, rt.device, index=cfg.global_index, ranks=rt.dist)
             nearest = rt.dist.gather_rows(torch.from_numpy(block))
             mem = torch.stack([p[nearest] for p in probs])
         return losses, mem
