@@ -38,11 +38,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+from sqlalchemy import select
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from nnm.service.client import Client  # noqa: E402
+from nnm.service.store.db import JobRow  # noqa: E402
+from nnm.service.store.repository import JobStore  # noqa: E402
 from service.servers import (  # noqa: E402
     free_port,
     postgres_database,
@@ -87,14 +90,10 @@ def started_total(ports: list[int]) -> float:
     return total
 
 
-def job_rows(database_url: str) -> list[tuple]:
-    import psycopg
-
-    url = database_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT id, status, attempt, worker, started_at, finished_at FROM jobs ORDER BY created_at"
-        ).fetchall()
+def job_rows(store: JobStore) -> list[JobRow]:
+    """Every job in the benchmark's database, oldest first, read through the service's job store."""
+    with store.session() as s:
+        return list(s.scalars(select(JobRow).order_by(JobRow.created_at)))
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -143,6 +142,7 @@ def main() -> int:
                        check=True, capture_output=True)
         workers, ports = [], []
         gw = None
+        store = JobStore(pg)
         try:
             for i in range(args.workers):
                 ports.append(free_port())
@@ -158,20 +158,20 @@ def main() -> int:
             deadline = time.monotonic() + args.timeout
             peak_rss = 0.0
             while True:
-                rows = job_rows(pg)
+                rows = job_rows(store)
                 peak_rss = max(peak_rss, rss_mib([w.pid for w in workers]))
-                if all(r[1] in ("succeeded", "failed", "cancelled") for r in rows):
+                if all(r.status in ("succeeded", "failed", "cancelled") for r in rows):
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{sum(r[1] == 'succeeded' for r in rows)} of {args.jobs} done")
+                    raise TimeoutError(f"{sum(r.status == 'succeeded' for r in rows)} of {args.jobs} done")
                 time.sleep(2)
             wall = time.perf_counter() - t0
-            statuses = Counter(r[1] for r in rows)
-            attempts = Counter(r[2] for r in rows)
+            statuses = Counter(r.status for r in rows)
+            attempts = Counter(r.attempt for r in rows)
             # Attempts each worker process logged starting (its pool children and job children included).
             per_worker = {f"w{i}": (tmp / f"worker{i}.log").read_text().count(" starting [job_id=")
                           for i in range(args.workers)}
-            durations = [(r[5] - r[4]).total_seconds() for r in rows if r[4] and r[5]]
+            durations = [(r.finished_at - r.started_at).total_seconds() for r in rows if r.started_at and r.finished_at]
             started = started_total(ports)
             result.update({
                 "wall_s": round(wall, 1),
@@ -189,6 +189,7 @@ def main() -> int:
             })
             client.close()
         finally:
+            store.dispose()
             if gw is not None:
                 stop(gw)
             for w in workers:
