@@ -245,7 +245,8 @@ def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", ch
     out = [torch.empty(0, dtype=torch.long)]
     for start in range(lo, hi, chunk):
         stop = min(start + chunk, hi)
-        d = sq[start:stop, None] - 2 * base[start:stop] @ base.t() + sq[None, :]
+        # In place: one block of scores alive at a time, not four temporaries of its size.
+        d = (base[start:stop] @ base.t()).mul_(-2).add_(sq[None, :]).add_(sq[start:stop, None])
         own = torch.arange(stop - start, device=base.device)
         d[own, own + start] = float("inf")
         out.append(d.argmin(dim=1).cpu())
