@@ -18,6 +18,7 @@ from nnm.engine.errors import DatasetError
 from nnm.engine.losses import nt_xent, scan_loss
 from nnm.engine.mining import nearest_other
 from nnm.engine.models import ClusteringModel, ContrastiveModel, build_backbone
+from test_mining import clustered  # this script's directory, tests/, is first on the path
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,9 +71,7 @@ def main(out: str) -> None:
         results["nearest_other"] = {"rows": [lo, hi], "equal": bool(torch.equal(gathered, whole)),
                                     "dtype": str(gathered.dtype), "n": len(gathered)}
     # Its IVF index, built by the ranks together (rank 0 trains, each encodes its block): one process's.
-    g = torch.Generator().manual_seed(3)
-    many = torch.randn(40, 32, generator=g)[torch.randint(40, (6000,), generator=g)] + 0.35 * torch.randn(
-        6000, 32, generator=g)
+    many = clustered(6000, 32, 40, seed=3)
     together = ranks.gather_rows(torch.from_numpy(nearest_other(many, index="ivf", chunk=1000, ranks=ranks)))
     if ranks.main:
         alone = torch.from_numpy(nearest_other(many, index="ivf", chunk=1000))

@@ -129,11 +129,7 @@ class Distributed:
 
     def agree(self, value: bool) -> bool:
         """Rank 0's `value` on every rank (a decision all ranks must take alike)."""
-        if not self.enabled:
-            return value
-        box = [bool(value)]
-        dist.broadcast_object_list(box, src=0)
-        return bool(box[0])
+        return bool(self.share(lambda: value))
 
     def share(self, make: Callable[[], T]) -> T:
         """`make()` run on rank 0 alone and its result handed to every rank (a decoded set's traits, a
