@@ -165,3 +165,29 @@ def test_trained_model_round_trip(tmp_path):
     p2, _ = loaded.predict(x, rt)
     assert np.allclose(p1, p2)
     assert loaded.class_of(0) == "c"
+
+
+def test_compute_outputs_returns_every_row_in_order_as_float32():
+    from nnm.engine.augment import Normalize
+    from nnm.engine.config import RuntimeConfig
+    from nnm.engine.model_io import compute_outputs
+    from nnm.engine.runtime import Runtime
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (23, 3, 4, 4), dtype=torch.uint8)
+    proj, heads = torch.randn(48, 6), [torch.randn(6, 3), torch.randn(6, 5)]
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+
+    def fn(x):
+        feats = (x.flatten(1) @ proj).to(torch.bfloat16)  # a half-precision output comes back as float32
+        return feats, [feats.float() @ w for w in heads]
+
+    feats, logits = compute_outputs(fn, images, norm, Runtime(RuntimeConfig(device="cpu", precision="fp32")), 5)
+    want = fn(norm(images).float())
+    assert feats.dtype == torch.float32 and feats.shape == (23, 6)
+    torch.testing.assert_close(feats, want[0].float(), rtol=1e-2, atol=1e-2)
+    assert [lg.shape for lg in logits] == [(23, 3), (23, 5)]
+    for got, ref in zip(logits, want[1], strict=True):
+        torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="at least one image"):
+        compute_outputs(fn, images[:0], norm, Runtime(RuntimeConfig(device="cpu", precision="fp32")), 5)

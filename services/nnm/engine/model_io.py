@@ -158,25 +158,36 @@ def compute_outputs(
     runtime: Runtime,
     batch_size: int,
 ) -> Any:
-    """Run `fn` over a uint8 set in order (evaluation transform); concatenate outputs on the CPU.
+    """Run `fn` over a uint8 set in order (evaluation transform); the outputs as float32 CPU tensors.
 
-    `fn` may return a tensor or a tuple/list of tensors (e.g. features and per-head logits).
+    `fn` may return a tensor or a tuple/list of tensors (e.g. features and per-head logits). Each
+    output is written into a tensor of all rows allocated after the first batch: the set's outputs are
+    held once, not once as batches and again as their concatenation (2 GB each for a million 512-d
+    features).
     """
-    outs: list[Any] = []
-    for sl in ordered_batches(len(images), batch_size):
+    n = len(images)
+    out: Any = None
+    for sl in ordered_batches(n, batch_size):
         x = runtime.to_model(normalize(runtime.to_device(images[sl])))
         with runtime.autocast():
-            outs.append(_to_cpu(fn(x)))
-    return _concat(outs)
+            batch = fn(x)
+        if out is None:
+            out = _allocate(batch, n)
+        _fill(out, batch, sl)
+    if out is None:
+        raise ValueError("compute_outputs needs at least one image")
+    return out
 
 
-def _to_cpu(obj: Any) -> Any:
+def _allocate(obj: Any, n: int) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.float().cpu()
-    return [_to_cpu(o) for o in obj]
+        return torch.empty((n, *obj.shape[1:]), dtype=torch.float32)
+    return [_allocate(o, n) for o in obj]
 
 
-def _concat(items: list[Any]) -> Any:
-    if isinstance(items[0], torch.Tensor):
-        return torch.cat(items)
-    return [_concat([it[i] for it in items]) for i in range(len(items[0]))]
+def _fill(out: Any, obj: Any, sl: slice) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[sl].copy_(obj.detach())  # cast to float32 on the way to the CPU
+        return
+    for o, b in zip(out, obj, strict=True):
+        _fill(o, b, sl)
