@@ -118,7 +118,8 @@ def main() -> int:
     for ds in args.datasets:
         runs = []
         for seed in args.seeds:
-            out = args.out / f"{ds}-seed{seed}"
+            # A data set given as a path is named by its file (an absolute path would escape OUT).
+            out = args.out / f"{Path(ds).name}-seed{seed}"
             t0 = time.perf_counter()
             if args.estimate_only:
                 row = estimate_only(ds, seed, args.preset, args.set, out)
