@@ -136,18 +136,12 @@ class TrainedModel:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, runtime: Runtime, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Return (probabilities (N, K), backbone features (N, D)) for a uint8 batch."""
-        model = runtime.prepare(self.model).eval()
-        probs, feats = [], []
-        for sl in ordered_batches(len(images), batch_size):
-            x = runtime.to_model(self.normalize(runtime.to_device(images[sl])))
-            with runtime.autocast():
-                f, logits = model(x)
-            probs.append(torch.softmax(logits[0].float(), dim=1).cpu())
-            feats.append(f.float().cpu())
-        if not probs:
+        if len(images) == 0:
             k, d = self.info.clusters, self.model.backbone.out_dim
             return np.zeros((0, k), np.float32), np.zeros((0, d), np.float32)
-        return torch.cat(probs).numpy(), torch.cat(feats).numpy()
+        model = runtime.prepare(self.model).eval()
+        feats, logits = compute_outputs(lambda x: _first_head(model(x)), images, self.normalize, runtime, batch_size)
+        return torch.softmax(logits, dim=1).numpy(), feats.numpy()
 
 
 @torch.no_grad()
@@ -177,6 +171,11 @@ def compute_outputs(
     if out is None:
         raise ValueError("compute_outputs needs at least one image")
     return out
+
+
+def _first_head(outputs: tuple[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    features, logits = outputs
+    return features, logits[0]
 
 
 def _allocate(obj: Any, n: int) -> Any:
