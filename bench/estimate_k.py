@@ -25,7 +25,13 @@ def compare_criteria(run: Path, dataset: str, seed: int, k_max: int) -> dict[str
     """Estimate K on a finished run's outputs with every criterion and graph size (labels unused)."""
     from nnm.engine.config import RuntimeConfig
     from nnm.engine.data import load_dataset
-    from nnm.engine.estimate import eigengap_estimate, kmeans_partitions, modularity_estimate, silhouette_estimate
+    from nnm.engine.estimate import (
+        choose_k,
+        eigengap_estimate,
+        kmeans_partitions,
+        modularity_estimate,
+        silhouette_estimate,
+    )
     from nnm.engine.runtime import Runtime
     from nnm.engine.stages.estimate import mined_feature
     from nnm.engine.stages.mine import pretext_features
@@ -48,6 +54,12 @@ def compare_criteria(run: Path, dataset: str, seed: int, k_max: int) -> dict[str
         est = fn()
         out[name] = {"k": est.k, "seconds": round(time.perf_counter() - t0, 2),
                      "top3": sorted(est.curve, key=est.curve.get, reverse=True)[:3]}
+        if est.standard_error is not None:  # what each rule for a flat top would choose on this curve
+            best = est.best_scoring
+            out[name] |= {"standard_error_at_best": round(est.standard_error[best], 5),
+                          "k_two_standard_errors": choose_k(est.curve, est.standard_error, None, 2.0)[0],
+                          "k_one_standard_error": choose_k(est.curve, est.standard_error, None, 1.0)[0],
+                          "k_tolerance_0.01": choose_k(est.curve, est.standard_error, 0.01)[0]}
     return out
 
 

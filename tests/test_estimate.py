@@ -8,12 +8,14 @@ from nnm.engine.config import EstimateConfig, PipelineConfig
 from nnm.engine.data import ImageSet
 from nnm.engine.errors import CheckpointError, ConfigError, DatasetError
 from nnm.engine.estimate import (
+    choose_k,
     eigengap_estimate,
     kmeans_partitions,
     knn_graph,
     laplacian_spectrum,
     modularity,
     modularity_estimate,
+    modularity_with_error,
     parsimonious,
     silhouette_estimate,
 )
@@ -111,6 +113,52 @@ def test_a_tolerance_prefers_the_smallest_k_that_scores_about_as_well():
     wide = modularity_estimate(x, nb, 2, 15, tolerance=merged * 1.01)
     assert wide.k == 5 and wide.best_scoring == 6 and wide.curve == pytest.approx(plain.curve)
     assert silhouette_estimate(x, 2, 15, sample=400, tolerance=1.0).k == 2
+
+
+def test_modularity_error_is_the_spread_over_fresh_samples():
+    """The standard error of modularity, computed from one sample, predicts how much the value moves
+    between samples drawn afresh from the same distribution (the partition: the true groups)."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 16))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def draw(n: int, spread: float, seed: int) -> tuple[float, float]:
+        r = np.random.default_rng(100 + seed)
+        groups = r.integers(0, 4, n)
+        x = (centres[groups] + spread * r.standard_normal((n, 16)) / 4).astype(np.float32)
+        nb, _ = knn(x, 10)
+        adj = knn_graph(nb)
+        q, err = modularity_with_error(adj, groups)
+        assert q == pytest.approx(modularity(adj, groups))
+        return q, err
+
+    errors = {}
+    for spread in (0.5, 1.0):
+        values, errs = zip(*(draw(300, spread, s) for s in range(30)), strict=True)
+        # Measured: ratio 1.3 (tight groups) and 0.65 (overlapping ones).
+        assert 0.5 < np.mean(errs) / np.std(values, ddof=1) < 2.0
+        errors[spread] = np.mean(errs)
+    assert errors[1.0] > errors[0.5]  # groups that overlap give a noisier score
+    # Four times the images: the error falls by about half (here more, as the graph gets denser).
+    assert np.mean([draw(1200, 1.0, s)[1] for s in range(5)]) < errors[1.0] / 1.8
+
+
+def test_the_estimate_is_the_smallest_k_within_two_standard_errors_of_the_best():
+    # digits seed 1 (2026-11-29): highest at 12, 11 behind by 0.0051, with standard error 0.0050 at 12.
+    curve = {9: 0.7452, 10: 0.7497, 11: 0.7597, 12: 0.7648, 13: 0.7561}
+    errors = dict.fromkeys(curve, 0.0050)
+    assert choose_k(curve, errors, None, 2.0) == (11, 12, pytest.approx(0.0100))
+    assert choose_k(curve, errors, None, 1.0)[:2] == (12, 12)
+    assert choose_k(curve, errors, 0.018) == (10, 12, 0.018)  # a fixed tolerance overrides the errors
+    assert EstimateConfig().tolerance is None and EstimateConfig().standard_errors == 2.0
+    # On the blobs the rule keeps the 6 groups and says what tolerance it came to.
+    x = blobs(6, 70, seed=4)
+    nb, _ = knn(x, 10)
+    est = modularity_estimate(x, nb, 2, 15, tolerance=None)
+    assert est.k == est.best_scoring == 6 and sorted(est.standard_error) == list(range(2, 16))
+    assert est.tolerance == pytest.approx(2 * est.standard_error[6]) and 0 < est.tolerance < 0.05
+    sil = silhouette_estimate(x, 2, 15, sample=400, tolerance=None)
+    assert sil.k == 6 and sil.tolerance == pytest.approx(2 * sil.standard_error[6]) and sil.tolerance > 0
 
 
 def test_criteria_can_share_one_set_of_partitions():

@@ -243,10 +243,13 @@ def test_auto_clusters_on_a_flat_folder(tmp_path, small_digits):
     k = est["clusters"]
     assert 3 <= k <= 25 and (est["min_clusters"], est["max_clusters"]) == (3, 25)
     assert set(est["curve"]) == {str(i) for i in range(3, 26)} and "num_classes" not in est
-    # The smallest K within the tolerance of the highest score (the default 0.01); the highest is kept.
+    # The smallest K within two standard errors of the highest score (the default rule); the highest is
+    # kept, with the error of every K and the tolerance it came to.
     curve, top = {int(c): v for c, v in est["curve"].items()}, max(est["curve"].values())
-    assert est["tolerance"] == 0.01 and curve[est["best_scoring"]] == top
-    assert k == min(c for c, v in curve.items() if v >= top - 0.01) and k <= est["best_scoring"]
+    assert curve[est["best_scoring"]] == top and est["rule"] == "standard_error" and est["standard_errors"] == 2.0
+    assert set(est["standard_error"]) == set(est["curve"]) and all(e > 0 for e in est["standard_error"].values())
+    assert est["tolerance"] == pytest.approx(2 * est["standard_error"][str(est["best_scoring"])])
+    assert k == min(c for c, v in curve.items() if v >= top - est["tolerance"]) and k <= est["best_scoring"]
     assert (out / "estimate" / "curve.png").stat().st_size > 1000
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["estimated_clusters"] == {"clusters": k, "criterion": "modularity", "min_clusters": 3,

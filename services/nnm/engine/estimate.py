@@ -5,10 +5,15 @@ mined k-nearest-neighbour graph):
 
 - `modularity`: k-means on the features for every candidate K, each partition scored by its modularity
   on the mined graph (the share of neighbour pairs inside clusters minus the share expected by chance
-  given the clusters' degrees); the estimate is the smallest K within a tolerance of the best-scoring
-  one (`parsimonious`). It asks the question SCAN's loss
-  asks: do an image's mined neighbours fall in its own cluster, more than chance would put them there?
+  given the clusters' degrees). It asks the question SCAN's loss asks: do an image's mined neighbours
+  fall in its own cluster, more than chance would put them there?
 - `silhouette`: the same k-means partitions, scored by the mean silhouette of a sample of features.
+
+Both scores come with their standard error under resampling of the images. Near the top their curves
+are flat and the highest point moves from seed to seed, so the estimate is the smallest K whose score
+is within a few standard errors of the highest (CART's and the gap statistic's "one standard error"
+rule, with two: `choose_k`); a fixed tolerance can be set instead. The error shrinks as the set grows,
+which a fixed tolerance cannot do (docs/benchmarks.md, "Estimating the number of clusters").
 - `eigengap`: the spectrum of the normalised Laplacian of the mined graph. A graph made of K loosely
   joined groups has K eigenvalues near 0 and then a jump; the estimate is the K after which the jump is
   largest. It needs no k-means, but on real features the spectrum rises smoothly and the largest jump
@@ -39,6 +44,10 @@ class KEstimate:
     details: dict[str, list[float]] = field(default_factory=dict)
     #: The highest-scoring K, which `k` is not when a tolerance preferred a smaller one.
     best_scoring: int | None = None
+    #: Candidate K -> standard error of its value under resampling of the images (not for eigengap).
+    standard_error: dict[int, float] | None = None
+    #: How far below the highest value the chosen K was allowed to score.
+    tolerance: float = 0.0
 
 
 def parsimonious(curve: dict[int, float], tolerance: float) -> tuple[int, int]:
@@ -49,6 +58,17 @@ def parsimonious(curve: dict[int, float], tolerance: float) -> tuple[int, int]:
     """
     best = max(curve, key=lambda kk: (curve[kk], -kk))
     return min(kk for kk, v in curve.items() if v >= curve[best] - tolerance), best
+
+
+def choose_k(
+    curve: dict[int, float], standard_error: dict[int, float], tolerance: float | None, standard_errors: float = 2.0
+) -> tuple[int, int, float]:
+    """(chosen K, highest-scoring K, tolerance used): `parsimonious` with a fixed `tolerance`, or, when it
+    is None, with `standard_errors` times the highest-scoring K's standard error."""
+    best = max(curve, key=lambda kk: (curve[kk], -kk))
+    tol = float(tolerance) if tolerance is not None else standard_errors * standard_error[best]
+    chosen, best = parsimonious(curve, tol)
+    return chosen, best, tol
 
 
 def knn_graph(neighbors: np.ndarray, k: int | None = None):
@@ -141,22 +161,41 @@ def normalized(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def modularity(adj, labels: np.ndarray) -> float:
-    """Newman's modularity of a partition of the graph `adj` (scipy sparse, symmetric, 0/1)."""
+def modularity_with_error(adj, labels: np.ndarray) -> tuple[float, float]:
+    """Newman's modularity of a partition of the graph `adj` (scipy sparse, symmetric, 0/1), and its
+    standard error under resampling of the nodes.
+
+    Q = A / T - sum_c (D_c / T)^2, with A the edge ends that lie inside their own cluster, T all edge ends
+    and D_c the edge ends of cluster c. The error is the delta method's: each node's first-order effect on
+    Q (its influence z_i, which sum to zero) gives sqrt(n) * std(z). Nodes share edges, which this ignores;
+    on sets drawn afresh from one distribution it came within a factor of two of Q's real spread
+    (tests/test_estimate.py).
+    """
     rows, cols = adj.nonzero()
     degree = np.asarray(adj.sum(axis=1)).ravel()
     total = degree.sum()
-    inside = float((labels[rows] == labels[cols]).sum()) / total
+    inside = np.bincount(rows, weights=(labels[rows] == labels[cols]).astype(np.float64), minlength=len(labels))
     per_cluster = np.bincount(labels, weights=degree, minlength=int(labels.max()) + 1) / total
-    return inside - float((per_cluster**2).sum())
+    share_inside, chance = inside.sum() / total, float((per_cluster**2).sum())
+    # dQ/d(node i): its ends inside, less what it changes in A/T's denominator and in the chance term.
+    z = (inside - degree * share_inside - 2 * degree * per_cluster[labels] + 2 * degree * chance) / total
+    error = float(np.sqrt(len(z)) * z.std(ddof=1)) if len(z) > 1 else 0.0
+    return float(share_inside - chance), error
+
+
+def modularity(adj, labels: np.ndarray) -> float:
+    """Newman's modularity of a partition of the graph `adj` (scipy sparse, symmetric, 0/1)."""
+    return modularity_with_error(adj, labels)[0]
 
 
 def modularity_estimate(
     features: np.ndarray, neighbors: np.ndarray, k_min: int = 2, k_max: int = 50, k: int | None = None,
-    seed: int = 0, partitions: dict[int, np.ndarray] | None = None, tolerance: float = 0.0,
+    seed: int = 0, partitions: dict[int, np.ndarray] | None = None, tolerance: float | None = 0.0,
+    standard_errors: float = 2.0,
 ) -> KEstimate:
     """K in [k_min, k_max] whose k-means partition of the features has the highest modularity on the mined graph
-    (the smallest K within `tolerance` of it: `parsimonious`).
+    (the smallest K within `tolerance` of it; with `tolerance` None, within `standard_errors` standard
+    errors of it: `choose_k`).
 
     `partitions` (K -> labels from `kmeans_partitions`) saves refitting when several criteria score one set.
     """
@@ -166,36 +205,40 @@ def modularity_estimate(
     adj = knn_graph(neighbors, k)
     ks = range(k_min, k_max + 1)
     parts = partitions.items() if partitions is not None else kmeans_partitions(features, ks, seed)
-    curve = {kk: modularity(adj, labels) for kk, labels in parts if kk in ks}
-    chosen, best = parsimonious(curve, tolerance)
-    return KEstimate(chosen, "modularity", curve, best_scoring=best)
+    curve, errors = {}, {}
+    for kk, labels in parts:
+        if kk in ks:
+            curve[kk], errors[kk] = modularity_with_error(adj, labels)
+    chosen, best, tol = choose_k(curve, errors, tolerance, standard_errors)
+    return KEstimate(chosen, "modularity", curve, best_scoring=best, standard_error=errors, tolerance=tol)
 
 
 def silhouette_estimate(
     features: np.ndarray, k_min: int = 2, k_max: int = 50, sample: int = 4000, seed: int = 0,
-    partitions: dict[int, np.ndarray] | None = None, tolerance: float = 0.0,
+    partitions: dict[int, np.ndarray] | None = None, tolerance: float | None = 0.0, standard_errors: float = 2.0,
 ) -> KEstimate:
     """K in [k_min, k_max] whose k-means partition of the L2-normalised features has the best silhouette
-    (the smallest K within `tolerance` of it).
+    (the smallest K within `tolerance`, or `standard_errors` standard errors, of it, as for modularity).
 
     `partitions` as for `modularity_estimate`.
     """
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import silhouette_samples
 
     _check_range(k_min, k_max, len(features))
     x = normalized(features)
     scored = np.random.default_rng(seed).choice(len(x), size=min(sample, len(x)), replace=False)
     ks = range(k_min, k_max + 1)
-    curve = {}
+    curve, errors = {}, {}
     for kk, labels in partitions.items() if partitions is not None else kmeans_partitions(x, ks, seed):
         if kk not in ks:
             continue
         if len(np.unique(labels[scored])) < 2:
-            curve[kk] = -1.0
+            curve[kk], errors[kk] = -1.0, 0.0
             continue
-        curve[kk] = float(silhouette_score(x[scored], labels[scored], metric="euclidean"))
-    chosen, best = parsimonious(curve, tolerance)
-    return KEstimate(chosen, "silhouette", curve, best_scoring=best)
+        values = silhouette_samples(x[scored], labels[scored], metric="euclidean")
+        curve[kk], errors[kk] = float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+    chosen, best, tol = choose_k(curve, errors, tolerance, standard_errors)
+    return KEstimate(chosen, "silhouette", curve, best_scoring=best, standard_error=errors, tolerance=tol)
 
 
 def _check_range(k_min: int, k_max: int, n: int) -> None:

@@ -80,8 +80,11 @@ def prototypes_png(
     atomic_write_bytes(path, buf.getvalue())
 
 
-def criterion_curve_png(curve: dict[int, float], chosen: int, criterion: str, path: Path, title: str = "") -> None:
-    """The estimate's criterion over the candidate numbers of clusters, the chosen one marked."""
+def criterion_curve_png(
+    curve: dict[int, float], chosen: int, criterion: str, path: Path, title: str = "", accept_above: float | None = None
+) -> None:
+    """The estimate's criterion over the candidate numbers of clusters, the chosen one marked, and the level
+    a K had to reach to be chosen over the highest-scoring one (`accept_above`) as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +94,8 @@ def criterion_curve_png(curve: dict[int, float], chosen: int, criterion: str, pa
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     ax.plot(ks, [curve[k] for k in ks], marker="o", markersize=3, color="#1f5f9f")
     ax.axvline(chosen, color="#c0392b", linestyle="--", linewidth=1)
+    if accept_above is not None:
+        ax.axhline(accept_above, color="#7f8c8d", linestyle=":", linewidth=1)
     ax.annotate(f"K = {chosen}", (chosen, curve[chosen]), textcoords="offset points", xytext=(6, 6), color="#c0392b")
     ax.set_xlabel("number of clusters K")
     ax.set_ylabel({"eigengap": "gap after K (normalised Laplacian)", "silhouette": "mean silhouette",

@@ -89,18 +89,24 @@ def run_estimate(
         features = pretext_features(pretext_dir, data, rt, feature)[0].numpy()
         if cfg.criterion == "modularity":
             est = modularity_estimate(features, neighbors, k_min, k_max, cfg.graph_neighbors, rt.seed,
-                                      tolerance=cfg.tolerance)
+                                      tolerance=cfg.tolerance, standard_errors=cfg.standard_errors)
         else:
-            est = silhouette_estimate(features, k_min, k_max, cfg.sample, rt.seed, tolerance=cfg.tolerance)
+            est = silhouette_estimate(features, k_min, k_max, cfg.sample, rt.seed, tolerance=cfg.tolerance,
+                                      standard_errors=cfg.standard_errors)
+    scored = est.standard_error is not None  # eigengap has no error and no tolerance
     summary: dict[str, Any] = {
         "clusters": est.k,
         "criterion": est.criterion,
         "min_clusters": k_min,
         "max_clusters": k_max,
         "curve": {str(k): v for k, v in est.curve.items()},
-        # With a tolerance the estimate may be a smaller K than the curve's highest point: both are kept.
+        # With a tolerance the estimate may be a smaller K than the curve's highest point: both are kept,
+        # with the rule that allowed it and the tolerance it came to.
         "best_scoring": est.best_scoring,
-        "tolerance": cfg.tolerance if cfg.criterion != "eigengap" else None,
+        "rule": ("standard_error" if cfg.tolerance is None else "tolerance") if scored else None,
+        "standard_errors": cfg.standard_errors if scored and cfg.tolerance is None else None,
+        "tolerance": est.tolerance if scored else None,
+        "standard_error": {str(k): v for k, v in est.standard_error.items()} if scored else None,
         "num_images": len(data),
         "seconds": round(time.perf_counter() - started, 2),
         **est.details,
@@ -109,7 +115,8 @@ def run_estimate(
         summary["num_classes"] = data.num_classes
     atomic_write_json(out / "estimate.json", summary)
     title = f"{est.criterion}: estimated {est.k} clusters"
-    criterion_curve_png(est.curve, est.k, est.criterion, out / "curve.png", title=title)
+    band = est.curve[est.best_scoring] - est.tolerance if scored and est.best_scoring is not None else None
+    criterion_curve_png(est.curve, est.k, est.criterion, out / "curve.png", title=title, accept_above=band)
     stage.mark_done(summary)
     stage_end(rt)
     sink.stage_finished(STAGE, summary)
