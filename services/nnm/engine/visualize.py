@@ -96,7 +96,10 @@ def criterion_curve_png(
     ax.axvline(chosen, color="#c0392b", linestyle="--", linewidth=1)
     if accept_above is not None:
         ax.axhline(accept_above, color="#7f8c8d", linestyle=":", linewidth=1)
+        ax.annotate("smallest K above this line is chosen", (ks[-1], accept_above), textcoords="offset points",
+                    xytext=(0, -11), ha="right", fontsize=7, color="#7f8c8d")
     ax.annotate(f"K = {chosen}", (chosen, curve[chosen]), textcoords="offset points", xytext=(6, 6), color="#c0392b")
+    ax.margins(y=0.12)  # room above the highest point for the K label
     ax.set_xlabel("number of clusters K")
     ax.set_ylabel({"eigengap": "gap after K (normalised Laplacian)", "silhouette": "mean silhouette",
                    "modularity": "modularity on the mined graph"}.get(criterion, criterion))
