@@ -8,16 +8,17 @@ mined k-nearest-neighbour graph):
   given the clusters' degrees). It asks the question SCAN's loss asks: do an image's mined neighbours
   fall in its own cluster, more than chance would put them there?
 - `silhouette`: the same k-means partitions, scored by the mean silhouette of a sample of features.
-
-Both scores come with their standard error under resampling of the images. Near the top their curves
-are flat and the highest point moves from seed to seed, so the estimate is the smallest K whose score
-is within a few standard errors of the highest (CART's and the gap statistic's "one standard error"
-rule, with two: `choose_k`); a fixed tolerance can be set instead. The error shrinks as the set grows,
-which a fixed tolerance cannot do (docs/benchmarks.md, "Estimating the number of clusters").
 - `eigengap`: the spectrum of the normalised Laplacian of the mined graph. A graph made of K loosely
   joined groups has K eigenvalues near 0 and then a jump; the estimate is the K after which the jump is
   largest. It needs no k-means, but on real features the spectrum rises smoothly and the largest jump
   lands elsewhere (docs/benchmarks.md, "Estimating the number of clusters").
+
+The modularity and silhouette scores come with their standard error under resampling of the images.
+Near the top their curves are flat and the highest point moves from seed to seed, so the estimate is
+the smallest K whose score is within a few standard errors of the highest (CART's and the gap
+statistic's "one standard error" rule, with two: `choose_k`); a fixed tolerance can be set instead.
+The error shrinks as the set grows, which a fixed tolerance cannot do (docs/benchmarks.md,
+"Estimating the number of clusters").
 
 Each returns its whole curve over K, so a person can see how clear the choice was.
 """
