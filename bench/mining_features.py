@@ -31,14 +31,16 @@ def _features(backbone, images, normalize, rt, variant: str, batch_size: int = 5
     from nnm.engine.model_io import compute_outputs
 
     def pooled_last_two(x: torch.Tensor) -> torch.Tensor:
-        b = backbone
-        x = F.relu(b.bn1(b.conv1(x)))
-        if b.stem_pool:
-            x = F.max_pool2d(x, kernel_size=2, stride=2, padding=1)
-        x3 = b.layer3(b.layer2(b.layer1(x)))
-        x4 = b.layer4(x3)
-        pool = [torch.flatten(F.adaptive_avg_pool2d(t, 1), 1).float() for t in (x3, x4)]
-        return torch.cat([F.normalize(p, dim=1) for p in pool], dim=1)
+        # The backbone's own forward (stem, pooling) with layer3's output caught on the way: no second
+        # copy of the layout to drift from models.py.
+        caught: list[torch.Tensor] = []
+        hook = backbone.layer3.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            x4 = backbone(x).float()
+        finally:
+            hook.remove()
+        x3 = torch.flatten(F.adaptive_avg_pool2d(caught[0], 1), 1).float()
+        return torch.cat([F.normalize(p, dim=1) for p in (x3, x4)], dim=1)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         if variant.startswith("size"):
