@@ -2,16 +2,19 @@
 SCAN step on a global batch split over the ranks, with the engine's DDP helpers, against the same step in
 one process on the whole batch; and NNM's nearest-other search answered by blocks of rows, one per rank,
 then gathered, against the whole search (exact, and through an IVF index the ranks build together); and
-`share`, rank 0's result or error on every rank. Rank 0 writes what it found into argv[1].
+`share`, rank 0's result or error on every rank; and that the exit handlers leave the process group.
+Rank 0 writes what it found into argv[1].
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import sys
 
 import torch
+import torch.distributed as dist
 from nnm.engine.config import BackboneConfig
 from nnm.engine.distributed import Distributed, from_env, unwrap
 from nnm.engine.errors import DatasetError
@@ -86,10 +89,13 @@ def main(out: str) -> None:
     except DatasetError as exc:
         error = str(exc)
     results["share"] = ranks.all_objects({"calls": len(calls), "got": got, "error": error})
+    ranks.barrier()
+    # What runs at exit leaves the gloo group, so interpreter shutdown does not abort on its threads.
+    atexit._run_exitfuncs()
+    results["left_group_at_exit"] = not dist.is_initialized()
     if ranks.main:
         with open(out, "w") as f:
             json.dump(results, f)
-    ranks.barrier()
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def test_two_ranks_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path
     # What rank 0 alone computed (a data set's traits, say), handed to both ranks; its error raised on both.
     assert found["share"] == [{"calls": 1, "got": 10, "error": "no such data set"},
                               {"calls": 0, "got": 10, "error": "no such data set"}], found
+    # Rank 0's exit handlers left the gloo group (without that, shutdown could abort on gloo's threads).
+    assert found["left_group_at_exit"] is True, found
 
 
 def _losses(run: Path) -> list[float]:

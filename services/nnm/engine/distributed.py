@@ -16,6 +16,7 @@ processes do not repeat one process's random numbers, only its distribution.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import os
 import pickle
@@ -231,7 +232,22 @@ def from_env() -> Distributed:
         if cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        if not cuda:
+            atexit.register(leave_process_group)
     return Distributed(rank, world, local)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group if this process joined one (registered at exit for gloo).
+
+    Left to interpreter shutdown, gloo's worker threads can still hold work (and its tensors) while
+    Python is torn down, and the process dies of SIGABRT ("terminate called without an active
+    exception", pytorch/pytorch#190489), most often on a loaded machine. Destroying a gloo group is
+    local to the process, so it is safe at exit even when another rank has failed; NCCL's destroy can
+    wait on the other ranks, so it is not registered for it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class GlooSyncBatchNorm(nn.BatchNorm2d):
