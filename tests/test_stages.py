@@ -474,3 +474,44 @@ def test_the_gpu_loop_settings_train_the_same_models_and_read_losses_less_often(
     # Steps 2 and 3 (the last) read the loss; step 1 has none yet; the values read are the plain loop's.
     assert [e[1] for e in read[:steps]] == [1, 2, 3] and read[0][2] is None
     assert read[1][2] == pytest.approx(plain_losses[1][2]) and read[2][2] == pytest.approx(plain_losses[2][2])
+
+
+def test_a_step_cap_trains_on_the_first_batches_of_each_epochs_draw(setup, sure_cluster, tmp_path, monkeypatch):
+    """`max_steps` bounds an epoch (the `quick` preset's cap): the first batches of the uncapped draw."""
+    _, data, _ = setup
+    capped: list[torch.Tensor] = []
+    whole: list[torch.Tensor] = []
+    original = selflabel_mod.shuffled_batches
+    monkeypatch.setattr(selflabel_mod, "shuffled_batches", recording_batches(selflabel_mod, capped))
+    summary = run_selflabel(SelfLabelConfig(epochs=2, batch_size=16, max_steps=2), data, sure_cluster,
+                            tmp_path / "capped", RT)
+    monkeypatch.setattr(selflabel_mod, "shuffled_batches", original)
+    monkeypatch.setattr(selflabel_mod, "shuffled_batches", recording_batches(selflabel_mod, whole))
+    run_selflabel(SelfLabelConfig(epochs=2, batch_size=16), data, sure_cluster, tmp_path / "whole", RT)
+    per_epoch = len(data) // 16
+    assert per_epoch > 2 and len(whole) == 2 * per_epoch and len(capped) == 4
+    for epoch in range(2):
+        for step in range(2):
+            assert torch.equal(capped[2 * epoch + step], whole[per_epoch * epoch + step])
+    assert not torch.equal(capped[0], capped[2])  # each epoch draws its own share
+    assert len(summary["history"]) == 2
+
+
+def test_shuffled_batches_limit_and_step_count_agree():
+    from nnm.engine.runtime import shuffled_batches, steps_per_epoch
+
+    for n, bs, limit, drop in [(100, 16, 3, True), (100, 16, 99, True), (100, 16, 7, False), (10, 16, 1, True)]:
+        full = list(shuffled_batches(n, bs, torch.Generator().manual_seed(1), drop))
+        cut = list(shuffled_batches(n, bs, torch.Generator().manual_seed(1), drop, limit=limit))
+        assert len(cut) == steps_per_epoch(n, bs, drop, limit=limit) == min(limit, len(full))
+        assert all(torch.equal(a, b) for a, b in zip(cut, full, strict=False))
+
+
+def test_only_the_quick_preset_caps_its_epochs():
+    from nnm.engine.presets import QUICK_MAX_STEPS, DatasetTraits, build_preset
+
+    traits = DatasetTraits(None, 32, 3, 1_000_000)
+    quick, cpu = build_preset("quick", traits, cuda=False), build_preset("cpu", traits, cuda=False)
+    for stage in ("pretext", "cluster", "selflabel"):
+        assert quick[stage]["max_steps"] == QUICK_MAX_STEPS
+        assert "max_steps" not in cpu[stage]

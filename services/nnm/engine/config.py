@@ -172,6 +172,9 @@ class PretextConfig(Strict):
     init: str | None = None
     epochs: int = Field(500, ge=0)
     batch_size: int = Field(512, ge=2)
+    #: At most this many steps per epoch, each epoch a fresh random share of the set (None: the whole set).
+    #: Bounds a short preset's time on a large set; a small set is not affected.
+    max_steps: int | None = Field(None, ge=1)
     lr: float = Field(0.4, gt=0)
     lr_min: float = Field(4e-4, ge=0)
     warmup_epochs: int = Field(0, ge=0)
@@ -212,6 +215,9 @@ class ClusterConfig(Strict):
     heads: int = Field(3, ge=1)
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(200, ge=2)
+    #: At most this many steps per epoch, each epoch a fresh random share of the set (None: the whole set).
+    #: Bounds a short preset's time on a large set; a small set is not affected.
+    max_steps: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     entropy_weight: float = Field(5.0, ge=0)
@@ -278,6 +284,9 @@ class SelfLabelConfig(Strict):
     enabled: bool = True
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(1000, ge=2)
+    #: At most this many steps per epoch, each epoch a fresh random share of the set (None: the whole set).
+    #: Bounds a short preset's time on a large set; a small set is not affected.
+    max_steps: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     threshold: float = Field(0.99, gt=0, lt=1)

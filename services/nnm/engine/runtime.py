@@ -142,18 +142,26 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def shuffled_batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True) -> Iterator[torch.Tensor]:
-    """Index batches of a random permutation (CPU indices). A set smaller than one batch is one batch."""
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True,
+                     limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Index batches of a random permutation (CPU indices). A set smaller than one batch is one batch.
+
+    `limit` stops after that many batches: the epoch sees a random share of the set (the same draws as
+    without a limit, so a limit above the set's batch count changes nothing)."""
     perm = torch.randperm(n, generator=gen, device=gen.device).cpu()
     bs = min(batch_size, n)
     stop = (n // bs) * bs if drop_last else n
+    if limit is not None:
+        stop = min(stop, limit * bs)
     for start in range(0, stop, bs):
         yield perm[start : start + bs]
 
 
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True, limit: int | None = None) -> int:
+    """The number of batches `shuffled_batches` yields for the same arguments."""
     bs = min(batch_size, n)
-    return n // bs if drop_last else math.ceil(n / bs)
+    steps = n // bs if drop_last else math.ceil(n / bs)
+    return steps if limit is None else min(steps, limit)
 
 
 def ordered_batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -147,7 +147,7 @@ def run_cluster(
     augment = StrongAugment(cfg.augment, info.mean, info.std)
     normalize = Normalize(info.mean, info.std)
     n = len(data)
-    steps = steps_per_epoch(n, cfg.batch_size)
+    steps = steps_per_epoch(n, cfg.batch_size, limit=cfg.max_steps)
     images = rt.resident(data.images)
     nb_table = pool.to(images.device)  # neighbour ids where the images are: gathered without a host sync
 
@@ -183,7 +183,7 @@ def run_cluster(
             model.backbone.eval()
         meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
         mem_table = memory.to(images.device) if use_global and memory is not None else None
-        for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
+        for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen, limit=cfg.max_steps), 1):
             meter.before_step()
             b = len(idx)
             pick = torch.randint(n_nb, (b,), generator=gen, device=gen.device)

@@ -74,7 +74,7 @@ def run_pretext(
     augment = SimCLRAugment(cfg.augment, mean, std)
     images = rt.resident(data.images)
     n = len(data)
-    steps = steps_per_epoch(n, cfg.batch_size)
+    steps = steps_per_epoch(n, cfg.batch_size, limit=cfg.max_steps)
     sink.stage_started(STAGE, cfg.epochs, steps)
     for epoch in range(start, cfg.epochs):
         lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs, cfg.warmup_epochs)
@@ -83,7 +83,7 @@ def run_pretext(
         views_gen = rt.rank_generator(gen, STAGE, epoch)
         model.train()
         meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
-        for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
+        for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen, limit=cfg.max_steps), 1):
             meter.before_step()
             x = rt.gather(images, rt.dist.shard(idx))
             views = torch.cat([augment(x, views_gen), augment(x, views_gen)])

@@ -132,14 +132,14 @@ def run_selflabel(
             state["quality_before"] = label_free_quality(probs, pool)
             state["loss_before"] = head_losses([probs], pool, ENTROPY_WEIGHT)[0]
     n = len(data)
-    steps = steps_per_epoch(n, cfg.batch_size)
+    steps = steps_per_epoch(n, cfg.batch_size, limit=cfg.max_steps)
     images = rt.resident(data.images)
     sink.stage_started(STAGE, cfg.epochs, steps)
     for epoch in range(start, cfg.epochs):
         gen = rt.generator(STAGE, epoch)
         views_gen = rt.rank_generator(gen, STAGE, epoch)
         meter = EpochMeter(sink, STAGE, epoch, cfg.epochs, steps, rt.sync_every)
-        for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen), 1):
+        for step, idx in enumerate(shuffled_batches(n, cfg.batch_size, gen, limit=cfg.max_steps), 1):
             meter.before_step()
             x = rt.gather(images, rt.dist.shard(idx))
             teacher = ema if ema is not None else model
