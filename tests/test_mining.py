@@ -132,3 +132,24 @@ def test_mine_stage_reports_the_index_recall(tmp_path):
     assert approx["index"] == "ivf" and 0.5 <= approx["recall_at_topk"] <= 1.0
     a, e = np.load(tmp_path / "ivf" / "neighbors.npy"), np.load(tmp_path / "exact" / "neighbors.npy")
     assert abs(recall_at_k(a, e) - approx["recall_at_topk"]) < 0.1  # the 1,000-row sample estimates the whole
+
+
+def test_float16_features_give_the_ivf_search_the_float32_answer_and_the_exact_fallback_its_own():
+    """The cluster stage hands an IVF search float16 features (8-bit codes cannot tell them apart); the
+    exact search of a row the index leaves unanswered runs in float32 a chunk at a time."""
+    from nnm.engine.mining import _nearest_exact
+
+    x = clustered(6000, 32, 40, seed=7)
+    half = x.half()
+    d = torch.cdist(half.float(), half.float())
+    d.fill_diagonal_(float("inf"))
+    exact = d.argmin(1).numpy()
+    wide, narrow = nearest_other(x, index="ivf", chunk=1000), nearest_other(half, index="ivf", chunk=1000)
+    # Not bit-equal (the quantizer is trained on rounded rows), and as good: as many exact answers, and
+    # the others barely farther.
+    assert (narrow == wide).mean() >= 0.97 and (narrow != np.arange(6000)).all()
+    assert (narrow == exact).mean() >= (wide == exact).mean() - 0.01
+    ratio = d[np.arange(6000), narrow] / d[np.arange(6000), exact].clamp_min(1e-6)
+    assert float(ratio.quantile(0.99)) < 1.2
+    for row in [0, 999, 1000, 5999]:  # chunk borders: the row's own distance is skipped wherever it falls
+        assert _nearest_exact(half, row, chunk=1000) == int(d[row].argmin())

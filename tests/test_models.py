@@ -167,7 +167,7 @@ def test_trained_model_round_trip(tmp_path):
     assert loaded.class_of(0) == "c"
 
 
-def test_compute_outputs_returns_every_row_in_order_as_float32():
+def test_compute_outputs_returns_every_row_in_order_as_float32_unless_asked_for_float16():
     from nnm.engine.augment import Normalize
     from nnm.engine.config import RuntimeConfig
     from nnm.engine.model_io import compute_outputs
@@ -189,5 +189,10 @@ def test_compute_outputs_returns_every_row_in_order_as_float32():
     assert [lg.shape for lg in logits] == [(23, 3), (23, 5)]
     for got, ref in zip(logits, want[1], strict=True):
         torch.testing.assert_close(got, ref)
+    # A float16 output (a caller halving a large set's features) stays float16; the others are float32.
+    halved, logits16 = compute_outputs(lambda x: (fn(x)[0].half(), fn(x)[1]), images, norm,
+                                       Runtime(RuntimeConfig(device="cpu", precision="fp32")), 5)
+    assert halved.dtype == torch.float16 and [lg.dtype for lg in logits16] == [torch.float32] * 2
+    torch.testing.assert_close(halved, feats.half())
     with pytest.raises(ValueError, match="at least one image"):
         compute_outputs(fn, images[:0], norm, Runtime(RuntimeConfig(device="cpu", precision="fp32")), 5)

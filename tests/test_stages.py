@@ -21,6 +21,7 @@ from nnm.engine.checkpoint import safe_load
 from nnm.engine.config import ClusterConfig, PretextConfig, RuntimeConfig, SelfLabelConfig
 from nnm.engine.data import ImageSet
 from nnm.engine.metrics import accuracy_after_matching, match_clusters
+from nnm.engine.mining import nearest_other
 from nnm.engine.model_io import load_pretext
 from nnm.engine.models import ClusteringModel
 from nnm.engine.progress import ProgressSink
@@ -515,3 +516,27 @@ def test_only_the_quick_preset_caps_its_epochs():
     for stage in ("pretext", "cluster", "selflabel"):
         assert quick[stage]["max_steps"] == QUICK_MAX_STEPS
         assert "max_steps" not in cpu[stage]
+
+
+def test_at_the_ivf_size_the_global_memory_is_searched_on_float16_features(setup, tmp_path, monkeypatch):
+    """From `NEAREST_EXACT_MAX` rows the memory's search goes through an 8-bit IVF index, and the features
+    it is fed are kept in float16 (half the memory at a million rows); below it they stay float32."""
+    root, data, _ = setup
+    cfg = ClusterConfig(method="nnm", heads=2, epochs=1, batch_size=32, lr=1e-2, augment=MILD)
+    for threshold, dtype in [(10**9, torch.float32), (50, torch.float16)]:
+        monkeypatch.setattr("nnm.engine.mining.NEAREST_EXACT_MAX", threshold)
+        fed: list[torch.Tensor] = []
+        monkeypatch.setattr(cluster_mod, "nearest_other", recording(nearest_other, "features", fed))
+        out = tmp_path / f"run-{threshold}"
+        run_cluster(cfg, data, root / "pretext", root / "mine", out, RT, Snapshots(out, tmp_path / f"s-{threshold}"))
+        assert len(fed) == 2 and all(f.dtype == dtype and f.shape == (len(data), 8 * 8) for f in fed)
+        # The last search is on the trained model's features (float16: to three digits); the memory it
+        # saved is each head's prediction for the row that search found.
+        ckpt = safe_load(tmp_path / f"s-{threshold}" / "epoch1.pt")
+        feats, probs = clustering_outputs(ckpt["components"]["model"], root / "pretext", data, cfg.heads)
+        torch.testing.assert_close(fed[-1].float(), feats, rtol=2e-3, atol=1e-4)
+        index = "ivf" if dtype == torch.float16 else "exact"
+        nearest = torch.from_numpy(nearest_other(fed[-1], index=index))
+        assert (nearest != torch.arange(len(data))).all()
+        for h in range(cfg.heads):
+            torch.testing.assert_close(ckpt["state"]["memory"][h], probs[h][nearest], rtol=0, atol=1e-5)

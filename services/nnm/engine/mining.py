@@ -215,6 +215,13 @@ def neighbor_accuracy(neighbors: np.ndarray, labels: np.ndarray, k: int | None =
 NEAREST_EXACT_MAX = 200_000
 
 
+def nearest_index_for(n: int, index: str) -> str:
+    """The search `nearest_other(index=index)` makes over n rows: exact or ivf (auto resolved)."""
+    if index == "auto":
+        return "ivf" if n >= NEAREST_EXACT_MAX and _faiss() is not None else "exact"
+    return index
+
+
 def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", chunk: int = 16384,
                   index: str = "exact", probe: int = 16, rows: tuple[int, int] | None = None,
                   ranks: Distributed | None = None) -> np.ndarray:
@@ -234,8 +241,7 @@ def nearest_other(features: torch.Tensor, device: torch.device | str = "cpu", ch
     lo, hi = rows if rows is not None else (0, n)
     if not 0 <= lo <= hi <= n:
         raise ValueError(f"rows {rows} outside 0..{n}")
-    if index == "auto":
-        index = "ivf" if n >= NEAREST_EXACT_MAX and _faiss() is not None else "exact"
+    index = nearest_index_for(n, index)
     if index == "ivf" and n > 2:
         return _nearest_other_ivf(torch.as_tensor(features), probe, chunk, lo, hi, ranks)
     x = torch.as_tensor(features).float()
@@ -301,11 +307,21 @@ def _nearest_other_ivf(x: torch.Tensor, probe: int, chunk: int, lo: int, hi: int
         own = np.arange(start, start + len(found))
         # Self is usually first; with duplicates (or quantisation ties) it may come second or not at all.
         out[start - lo : start - lo + len(found)] = np.where(found[:, 0] == own, found[:, 1], found[:, 0])
-    missing = np.nonzero((out < 0) | (out == np.arange(lo, hi)))[0]
-    if len(missing):
-        xt = x.float()
-        for i in missing:
-            dist = ((xt - xt[lo + i]) ** 2).sum(dim=1)
-            dist[lo + i] = float("inf")
-            out[i] = int(dist.argmin())
+    for i in np.nonzero((out < 0) | (out == np.arange(lo, hi)))[0]:
+        out[i] = _nearest_exact(x, lo + i, chunk)
     return out
+
+
+def _nearest_exact(x: torch.Tensor, row: int, chunk: int) -> int:
+    """Row `row`'s nearest other row by exact L2, in float32 a chunk at a time (`x` may be float16:
+    no float32 copy of the whole set is made)."""
+    q = x[row].float()
+    best, best_at = float("inf"), -1
+    for start in range(0, len(x), chunk):
+        dist = ((x[start : start + chunk].float() - q) ** 2).sum(dim=1)
+        if start <= row < start + len(dist):
+            dist[row - start] = float("inf")
+        at = int(dist.argmin())
+        if float(dist[at]) < best:
+            best, best_at = float(dist[at]), start + at
+    return best_at

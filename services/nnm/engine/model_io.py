@@ -152,7 +152,8 @@ def compute_outputs(
     runtime: Runtime,
     batch_size: int,
 ) -> Any:
-    """Run `fn` over a uint8 set in order (evaluation transform); the outputs as float32 CPU tensors.
+    """Run `fn` over a uint8 set in order (evaluation transform); the outputs as float32 CPU tensors,
+    except those `fn` returns as float16, which stay float16 (a caller halving a large set's outputs).
 
     `fn` may return a tensor or a tuple/list of tensors (e.g. features and per-head logits). Each
     output is written into a tensor of all rows allocated after the first batch: the set's outputs are
@@ -180,13 +181,15 @@ def _first_head(outputs: tuple[torch.Tensor, list[torch.Tensor]]) -> tuple[torch
 
 def _allocate(obj: Any, n: int) -> Any:
     if isinstance(obj, torch.Tensor):
-        return torch.empty((n, *obj.shape[1:]), dtype=torch.float32)
+        # Autocast's outputs (bfloat16: Runtime.autocast) are widened; float16 comes only from a caller's .half().
+        dtype = torch.float16 if obj.dtype == torch.float16 else torch.float32
+        return torch.empty((n, *obj.shape[1:]), dtype=dtype)
     return [_allocate(o, n) for o in obj]
 
 
 def _fill(out: Any, obj: Any, sl: slice) -> None:
     if isinstance(obj, torch.Tensor):
-        out[sl].copy_(obj.detach())  # cast to float32 on the way to the CPU
+        out[sl].copy_(obj.detach())  # cast to the output's dtype on the way to the CPU
         return
     for o, b in zip(out, obj, strict=True):
         _fill(o, b, sl)

@@ -15,7 +15,7 @@ from ..config import ClusterConfig, RuntimeConfig
 from ..data import ImageSet, RowRange
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..losses import entropy, nnm_loss, scan_loss
-from ..mining import nearest_other
+from ..mining import nearest_index_for, nearest_other
 from ..model_io import InputSpec, compute_outputs, load_pretext
 from ..models import ClusteringModel, build_backbone
 from ..progress import ProgressSink
@@ -151,20 +151,32 @@ def run_cluster(
     images = rt.resident(data.images)
     nb_table = pool.to(images.device)  # neighbour ids where the images are: gathered without a host sync
 
+    # The features only feed the global memory's search (without it they are not kept). An IVF index
+    # (large sets) codes them in 8 bits, so there they are kept in float16: half the memory (1 GB at a
+    # million 512-d rows), the same answers.
+    half = use_global and nearest_index_for(n, cfg.global_index) == "ivf"
+
+    def whole_set_outputs(x: torch.Tensor) -> list[torch.Tensor]:
+        feats, logits = model(x)
+        return [*logits, feats.half() if half else feats] if use_global else list(logits)
+
     def evaluate_all() -> tuple[list[float], torch.Tensor | None]:
         """Whole-set pass: per-head label-free losses and (NNM) the global matching memory."""
         model.eval()
         # Each rank computes its block of rows, then every rank has them all (the global memory included).
         lo, hi = rt.dist.rows(n)
-        feats, logits = compute_outputs(model, RowRange(data.images, lo, hi), normalize, rt, max(256, cfg.batch_size))
-        feats, logits = rt.dist.gather_rows(feats), [rt.dist.gather_rows(lg) for lg in logits]
+        outputs = compute_outputs(whole_set_outputs, RowRange(data.images, lo, hi), normalize, rt,
+                                  max(256, cfg.batch_size))
+        outputs = [rt.dist.gather_rows(o) for o in outputs]
+        heads = len(outputs) - 1 if use_global else len(outputs)
+        logits, feats = outputs[:heads], outputs[heads:]
         probs = [F.softmax(lg, dim=1) for lg in logits]
         losses = head_losses(probs, pool, cfg.entropy_weight)
         mem = None
         if use_global:
             # The search costs N^2 d (exact): each rank answers its own block of rows against all (an
             # IVF index the ranks build together, each encoding its block).
-            block = nearest_other(feats, rt.device, index=cfg.global_index, ranks=rt.dist)
+            block = nearest_other(feats[0], rt.device, index=cfg.global_index, ranks=rt.dist)
             nearest = rt.dist.gather_rows(torch.from_numpy(block))
             mem = torch.stack([p[nearest] for p in probs])
         return losses, mem

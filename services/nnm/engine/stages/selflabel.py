@@ -63,8 +63,9 @@ def keep_selflabelled(before: dict[str, float], after: dict[str, float]) -> bool
 
 def _probs(model: torch.nn.Module, data: ImageSet, normalize: Normalize, rt: Runtime) -> torch.Tensor:
     model.eval()
-    _, logits = compute_outputs(model, data.images, normalize, rt, 512)
-    return F.softmax(logits[0].float(), dim=1)
+    # The first head's logits only: the features (2 GB at a million images) are not kept.
+    logits = compute_outputs(lambda x: model(x)[1][0], data.images, normalize, rt, 512)
+    return F.softmax(logits, dim=1)
 
 
 @torch.no_grad()
