@@ -161,7 +161,9 @@ def pipeline(data: Path, cache_dir: Path, out: Path, settings: list[str]) -> dic
     peak_exact = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     row = {"case": "pipeline", "rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
            "peak_rss_sampled_bytes": peak, "peak_rss_bytes": peak_exact, "settings": settings,
-           "acc": metrics.get("acc"), "timings": metrics.get("timings")} | _machine()
+           "acc": metrics.get("acc"), "timings": metrics.get("timings"),
+           # The run's own record: its peak at the end of each stage (the stage that raised it set it).
+           "peak_rss_bytes_after": metrics.get("memory", {}).get("peak_rss_bytes_after")} | _machine()
     print(json.dumps(row), flush=True)
     return row
 

@@ -89,3 +89,29 @@ def test_gallery_refuses_mismatched_inputs(tmp_path):
         write_gallery(tmp_path, images, list("abc"), _probs([0, 1, 1], [0.6] * 3, 2), [[], []],
                       neighbors=np.zeros((2, 3), dtype=int))
     assert not (tmp_path / "clusters.json").exists()
+
+
+def test_writing_thumbnails_does_not_hold_them_in_memory(tmp_path):
+    # In a fresh process with its own peak: the thumbnails of 150 MB of images are written to disk without
+    # the process's resident memory growing by them (through a writable map, their pages would count).
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, numpy as np, torch\n"
+        "from pathlib import Path\n"
+        "from nnm.engine.gallery import _write_thumbnails\n"
+        "from nnm.engine.memory import peak_rss_bytes\n"
+        "images = torch.randint(0, 256, (200_000, 3, 16, 16), dtype=torch.uint8)\n"
+        "before = peak_rss_bytes()\n"
+        "_write_thumbnails(Path(sys.argv[1]), images, 16)\n"
+        "back = np.load(sys.argv[1], mmap_mode='r')\n"
+        "same = bool((back[123_456] == images[123_456].permute(1, 2, 0).numpy()).all())\n"
+        "print(json.dumps([before, peak_rss_bytes(), list(back.shape), same]))\n"
+    )
+    path = tmp_path / "thumbnails.npy"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    before, after, shape, same = json.loads(out.stdout)
+    assert shape == [200_000, 16, 16, 3] and same and path.stat().st_size > 153_600_000
+    assert after - before < 40 * 2**20, (before, after)
+    assert [p.name for p in tmp_path.iterdir()] == ["thumbnails.npy"]  # no temporary file left

@@ -190,8 +190,12 @@ def test_compute_outputs_returns_every_row_in_order_as_float32_unless_asked_for_
     for got, ref in zip(logits, want[1], strict=True):
         torch.testing.assert_close(got, ref)
     # A float16 output (a caller halving a large set's features) stays float16; the others are float32.
-    halved, logits16 = compute_outputs(lambda x: (fn(x)[0].half(), fn(x)[1]), images, norm,
-                                       Runtime(RuntimeConfig(device="cpu", precision="fp32")), 5)
+    def fn_halved(x):
+        f, lg = fn(x)
+        return f.half(), lg
+
+    fp32 = Runtime(RuntimeConfig(device="cpu", precision="fp32"))
+    halved, logits16 = compute_outputs(fn_halved, images, norm, fp32, 5)
     assert halved.dtype == torch.float16 and [lg.dtype for lg in logits16] == [torch.float32] * 2
     torch.testing.assert_close(halved, feats.half())
     with pytest.raises(ValueError, match="at least one image"):

@@ -80,6 +80,13 @@ def test_pipeline_outputs_are_complete(trained):
     assert model["clusters"] == 10 and len(model["cluster_to_class"]) == 10
     protos = json.loads((out / "prototypes.json").read_text())["clusters"]
     assert len(protos) == 10 and all(p["images"] or p["size"] == 0 for p in protos)
+    # The peak resident memory after each step only rises, and the run's peak is the last of them.
+    metrics = json.loads((out / "metrics.json").read_text())
+    after = metrics["memory"]["peak_rss_bytes_after"]
+    assert list(after) == ["load", "pretext", "mine", "cluster", "selflabel", "evaluate"]
+    assert list(after.values()) == sorted(after.values())
+    assert after["load"] > 2**27 and after["evaluate"] < 2**34  # torch is loaded; digits need far less than 16 GiB
+    assert metrics["memory"]["peak_rss_bytes"] == after["evaluate"]
     for stage in ("pretext", "mine", "cluster", "selflabel"):
         assert (out / stage / "done.json").exists()
         assert not (out / stage / "checkpoint.pt").exists()

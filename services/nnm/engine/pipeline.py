@@ -14,6 +14,7 @@ from .config import DataConfig, PipelineConfig, deep_merge, parse_config
 from .data import ImageSet, dataset_splits, held_out_split, is_builtin, load_dataset, parse_dataset_spec
 from .distributed import from_env
 from .errors import DatasetError
+from .memory import peak_rss_bytes
 from .model_io import InputSpec, ModelInfo, TrainedModel
 from .presets import DatasetTraits, build_preset
 from .progress import ProgressSink
@@ -110,26 +111,33 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
                                         cache=cache)
     rt = cfg.runtime
     timings: dict[str, Any] = {}
+    # The process's peak resident memory at the end of each step: where it rises, that step set it.
+    peaks: dict[str, int | None] = {"load": peak_rss_bytes()}
 
     summary = run_pretext(cfg.pretext, pretext_data, out / "pretext", rt, sink)
     timings["pretext"] = _stage_timing(summary)
+    peaks["pretext"] = peak_rss_bytes()
     summary = run_mine(cfg.mine, data, out / "pretext", out / "mine", rt, sink)
     timings["mine"] = {"seconds": round(summary["seconds_features"] + summary["seconds_search"], 2)}
     mine_summary = summary
+    peaks["mine"] = peak_rss_bytes()
     estimate = None
     if auto_k:
         estimate = run_estimate(cfg.estimate, data, out / "pretext", out / "mine", out / "estimate", rt, sink)
         timings["estimate"] = {"seconds": estimate["seconds"]}
         k = int(estimate["clusters"])
+        peaks["estimate"] = peak_rss_bytes()
     cluster_cfg = cfg.cluster.model_copy(update={"clusters": k})
     summary = run_cluster(cluster_cfg, data, out / "pretext", out / "mine", out / "cluster", rt, sink)
     timings["cluster"] = _stage_timing(summary)
+    peaks["cluster"] = peak_rss_bytes()
     final = out / "cluster"
     selflabel_kept, guard = None, None
     if cfg.selflabel.enabled:
         neighbors = out / "mine" / "neighbors.npy" if cfg.selflabel.guard else None
         summary = run_selflabel(cfg.selflabel, data, out / "cluster", out / "selflabel", rt, sink, neighbors)
         timings["selflabel"] = _stage_timing(summary)
+        peaks["selflabel"] = peak_rss_bytes()
         selflabel_kept = summary.get("improved", True)
         guard = {k: summary[k] for k in GUARD_KEYS if k in summary}
         if selflabel_kept:
@@ -184,5 +192,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: Path | str, sink: ProgressSink | 
     if guard:
         metrics["selflabel_guard"] = guard
     metrics["timings"] = timings | {"total_seconds": round(time.perf_counter() - started, 2)}
+    peaks["evaluate"] = peak_rss_bytes()
+    metrics["memory"] = {"peak_rss_bytes": peaks["evaluate"], "peak_rss_bytes_after": peaks}
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -168,15 +168,15 @@ def run_cluster(
         outputs = compute_outputs(whole_set_outputs, RowRange(data.images, lo, hi), normalize, rt,
                                   max(256, cfg.batch_size))
         outputs = [rt.dist.gather_rows(o) for o in outputs]
-        heads = len(outputs) - 1 if use_global else len(outputs)
-        logits, feats = outputs[:heads], outputs[heads:]
-        probs = [F.softmax(lg, dim=1) for lg in logits]
+        feats = outputs.pop() if use_global else None  # the rest are the heads' logits
+        probs = [F.softmax(lg, dim=1) for lg in outputs]
+        del outputs
         losses = head_losses(probs, pool, cfg.entropy_weight)
         mem = None
         if use_global:
             # The search costs N^2 d (exact): each rank answers its own block of rows against all (an
             # IVF index the ranks build together, each encoding its block).
-            block = nearest_other(feats[0], rt.device, index=cfg.global_index, ranks=rt.dist)
+            block = nearest_other(feats, rt.device, index=cfg.global_index, ranks=rt.dist)
             nearest = rt.dist.gather_rows(torch.from_numpy(block))
             mem = torch.stack([p[nearest] for p in probs])
         return losses, mem
